@@ -1,0 +1,123 @@
+"""Diffusers checkpoint folder → MLX weights folder, once, offline, without PyTorch.
+
+Layout written (`dst`):
+    model_index.json, mlx_sdxs.json (what was converted, from where, in which dtype)
+    unet/ vae/ text_encoder/      config.json + model.safetensors (MLX layout, see `weights`)
+    tokenizer/ scheduler/         copied as they are
+
+Everything is written into a sibling temp folder and renamed into place at the end, so an
+interrupted conversion (Ctrl-C, disk full) never leaves a half-written `dst`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_sdxs import weights as W
+from mlx_sdxs.errors import WeightsError
+
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+COPIED_COMPONENTS = ("tokenizer", "scheduler")
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MANIFEST = "mlx_sdxs.json"
+
+
+def _checkpoint_files(src: Path) -> list[Path]:
+    """The safetensors files of one diffusers/transformers component (single file or sharded)."""
+    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
+        index = src / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [src / shard for shard in shards]
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (src / name).is_file():
+            return [src / name]
+    pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.ckpt"))
+    if pickles:
+        raise WeightsError(
+            f"{src}: only PyTorch pickle weights ({', '.join(pickles)}); mlx-sdxs never unpickles files. "
+            "Re-save the checkpoint as safetensors (diffusers: `save_pretrained(..., safe_serialization=True)`) "
+            "or download the .safetensors variant."
+        )
+    raise WeightsError(f"{src}: no .safetensors weights found")
+
+
+def convert_component(src: str | Path, dst: str | Path, component: str, dtype: str = "float32") -> Path:
+    """Convert one component folder (config.json + safetensors) into `dst` (written atomically)."""
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    config = W.read_config(src)
+    model = W.build_model(config, component)
+    expected = W.expected_shapes(model)
+
+    converted: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for file in _checkpoint_files(src):
+        tensors, _ = W.read_safetensors(file)
+        for key, value in tensors.items():
+            new_key = W.map_key(component, key)
+            if new_key is None:
+                continue
+            if new_key in converted:
+                raise WeightsError(f"{file}: keys {origin[new_key]!r} and {key!r} both map to {new_key!r}")
+            value = W.adapt_layout(value, expected.get(new_key, tuple(value.shape)))
+            if mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(DTYPES[dtype])
+            converted[new_key], origin[new_key] = value, key
+    W.check_keys({k: tuple(v.shape) for k, v in converted.items()}, expected, str(src))
+
+    with _atomic_dir(dst) as tmp:
+        metadata = {"format": W.FORMAT_NAME, "format_version": str(W.FORMAT_VERSION), "dtype": dtype}
+        mx.save_safetensors(str(tmp / W.WEIGHTS_FILE), converted, metadata=metadata)
+        shutil.copy2(src / W.CONFIG_FILE, tmp / W.CONFIG_FILE)
+    return dst
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
+    """Convert a diffusers checkpoint folder (model_index.json + components) into an MLX weights folder."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "model_index.json").is_file():
+        raise WeightsError(f"{src}: not a diffusers checkpoint (no model_index.json)")
+    missing = [c for c in (*MODEL_COMPONENTS, *COPIED_COMPONENTS) if not (src / c).is_dir()]
+    if missing:
+        raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
+    with _atomic_dir(dst) as tmp:
+        for component in MODEL_COMPONENTS:
+            convert_component(src / component, tmp / component, component, dtype)
+        for component in COPIED_COMPONENTS:
+            shutil.copytree(src / component, tmp / component)
+        shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        manifest = {"format": W.FORMAT_NAME, "format_version": W.FORMAT_VERSION, "dtype": dtype, "source": str(src)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst
+
+
+class _atomic_dir:
+    """Context manager yielding a temp folder beside `dst` that replaces `dst` only on success."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+
+    def __enter__(self) -> Path:
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.dst.exists():
+            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
+            os.replace(self.dst, old)
+        os.replace(self.tmp, self.dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""Checkpoint keys → MLX keys, and strict loading of converted components.
+
+This is the only module that knows diffusers/transformers parameter names. The MLX modules mirror
+those names (lists become `name.0.…`), so a key map is mostly the identity; what differs is layout:
+PyTorch convolutions are OIHW, MLX's are OHWI (NHWC activations), transposed once, at conversion.
+
+A converted component folder holds `config.json` (the checkpoint's own, untouched) and
+`model.safetensors` in MLX layout, stamped with `FORMAT_VERSION` in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_sdxs.errors import ConfigError, WeightsError
+
+FORMAT_NAME = "mlx-sdxs"
+#: Bumped whenever the MLX layout of converted weights changes; older folders must be reconverted.
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Diffusers' legacy attention names (VAE mid-block, pre-0.14 checkpoints) → current ones.
+_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def map_key(component: str, key: str) -> str | None:
+    """Map one checkpoint key of `component` ("unet", "vae", "text_encoder") to its MLX key.
+
+    Returns None for buffers that are not parameters (e.g. CLIP's `position_ids`).
+    """
+    if component == "text_encoder":
+        if key.endswith("position_ids"):
+            return None
+        return key.removeprefix("text_model.")
+    if component == "vae":
+        for old, new in _LEGACY_ATTENTION.items():
+            key = key.replace(old, new)
+        return key
+    if component == "unet":
+        return key
+    raise ValueError(f"unknown component {component!r}")
+
+
+def adapt_layout(value: mx.array, expected_shape: tuple[int, ...]) -> mx.array:
+    """PyTorch tensor layout → MLX layout: conv OIHW → OHWI; a 1×1 conv that MLX runs as Linear → 2-D."""
+    if value.ndim == 4:
+        value = value.transpose(0, 2, 3, 1)
+        if len(expected_shape) == 2 and value.shape[1:3] == (1, 1):
+            value = value.reshape(value.shape[0], value.shape[3])
+    elif value.ndim == 2 and len(expected_shape) == 4 and expected_shape[1:3] == (1, 1):
+        value = value.reshape(value.shape[0], 1, 1, value.shape[1])
+    return value
+
+
+def read_config(component_dir: Path) -> dict[str, Any]:
+    path = Path(component_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (expected a component folder with {CONFIG_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def build_model(config: dict[str, Any], component: str) -> nn.Module:
+    """Instantiate the MLX module a checkpoint config describes. Parameters are lazy: nothing is computed."""
+    from mlx_sdxs.models import autoencoder_kl, clip, taesd, unet
+
+    class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    registry = {
+        ("unet", "UNet2DConditionModel"): (unet.UNetConfig, unet.UNet2DConditionModel),
+        ("vae", "AutoencoderTiny"): (taesd.TinyVAEConfig, taesd.AutoencoderTiny),
+        ("vae", "AutoencoderKL"): (autoencoder_kl.KLVAEConfig, autoencoder_kl.AutoencoderKL),
+        ("text_encoder", "CLIPTextModel"): (clip.CLIPTextConfig, clip.CLIPTextModel),
+        ("text_encoder", "CLIPTextModelWithProjection"): (clip.CLIPTextConfig, clip.CLIPTextModel),
+    }
+    if (component, class_name) not in registry:
+        known = ", ".join(name for comp, name in registry if comp == component)
+        raise ConfigError(f"{component}: unsupported model class {class_name!r} (supported: {known})")
+    config_cls, model_cls = registry[component, class_name]
+    return model_cls(config_cls.from_dict(config))
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in tree_flatten(model.parameters())}
+
+
+def check_keys(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
+) -> None:
+    """Raise one WeightsError listing every missing, unexpected and mis-shaped key."""
+    problems = []
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:20])}" + (" …" if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}" + (" …" if len(unexpected) > 20 else "")
+        )
+    for key in sorted(found.keys() & expected.keys()):
+        if found[key] != expected[key]:
+            problems.append(f"key {key}: shape {found[key]} but the model expects {expected[key]}")
+    if problems:
+        raise WeightsError(f"{where}: " + "; ".join(problems[:30]))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Read a safetensors file with MLX (no torch; bf16 included), turning any decode failure into WeightsError."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing")
+    try:
+        weights, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as exc:  # MLX raises RuntimeError/ValueError with terse text for corrupt files
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    return weights, metadata or {}
+
+
+def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | None = None) -> nn.Module:
+    """Build the module from `config.json` and load `model.safetensors` strictly."""
+    component_dir = Path(component_dir)
+    if not component_dir.is_dir():
+        raise WeightsError(f"{component_dir}: no such folder (expected a converted {component} folder)")
+    model = build_model(read_config(component_dir), component)
+    path = component_dir / WEIGHTS_FILE
+    weights, metadata = read_safetensors(path)
+    version = metadata.get("format_version")
+    if metadata.get("format") != FORMAT_NAME or version is None:
+        raise WeightsError(
+            f"{path}: not converted by mlx-sdxs (run `mlx-sdxs convert` on the diffusers checkpoint)"
+        )
+    if int(version) != FORMAT_VERSION:
+        raise WeightsError(
+            f"{path}: converted with weights format {version}, this mlx-sdxs reads format {FORMAT_VERSION}; "
+            "reconvert with `mlx-sdxs convert`"
+        )
+    check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(model), str(path))
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_unet(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+    """Load a converted UNet folder (`weights/<name>/unet`)."""
+    return load_component(path, "unet", dtype)
+
+
+def load_vae(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+    """Load a converted VAE folder: AutoencoderTiny or AutoencoderKL, as its config says."""
+    return load_component(path, "vae", dtype)
+
+
+def load_text_encoder(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+    """Load a converted CLIP text encoder folder."""
+    return load_component(path, "text_encoder", dtype)

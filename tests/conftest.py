@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run with whatever OPENBLAS_* the machine sets (CI keeps them); only the bench unsets them.
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx_sdxs  # noqa: E402,F401  (loads the fast BLAS before any test imports mlx.core)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"reference material {SHARED} is absent (it exists beside the checkout in CI only)")
+    return SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
