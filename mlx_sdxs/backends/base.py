@@ -15,6 +15,7 @@ and on a prompt change `embeds += morph·(target − embeds)` once per frame (se
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import cv2
@@ -23,6 +24,26 @@ import numpy as np
 from mlx_sdxs.errors import ImageError
 
 STAGES = ("preprocess", "encode", "unet", "decode", "postprocess")
+LATENT_SCALE = 8  # VAE spatial downsampling of every SD-family checkpoint
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """Knobs of the per-frame recipe, identical for every backend so their outputs can be compared."""
+
+    render_size: int = 512
+    feedback: float = 0.1
+    seed: int = 42
+    prompt_morph: float = 0.05
+    #: None: the scheduler's one-step timestep (SDXS: t=999); else img2img at this strength (SD-Turbo).
+    strength: float | None = None
+
+
+def fixed_noise(settings: RecipeSettings, latent_channels: int = 4) -> np.ndarray:
+    """The noise drawn once per stream, NHWC float32 (1, s/8, s/8, C); numpy so every backend gets the same."""
+    side = settings.render_size // LATENT_SCALE
+    rng = np.random.default_rng(settings.seed)
+    return rng.standard_normal((1, side, side, latent_channels), dtype=np.float32)
 
 
 @runtime_checkable
