@@ -80,21 +80,28 @@ def convert_component(src: str | Path, dst: str | Path, component: str, dtype: s
     return dst
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
-    """Convert a diffusers checkpoint folder (model_index.json + components) into an MLX weights folder."""
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32", vae: str | Path | None = None) -> Path:
+    """Convert a diffusers checkpoint folder (model_index.json + components) into an MLX weights folder.
+
+    `vae`: another VAE component folder to use instead of the checkpoint's (e.g. TAESD for a KL model).
+    """
     src, dst = Path(src), Path(dst)
+    sources = {component: src / component for component in (*MODEL_COMPONENTS, *COPIED_COMPONENTS)}
+    if vae is not None:
+        sources["vae"] = Path(vae)
     if not (src / "model_index.json").is_file():
         raise WeightsError(f"{src}: not a diffusers checkpoint (no model_index.json)")
-    missing = [c for c in (*MODEL_COMPONENTS, *COPIED_COMPONENTS) if not (src / c).is_dir()]
+    missing = [str(folder) for folder in sources.values() if not folder.is_dir()]
     if missing:
         raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
     with _atomic_dir(dst) as tmp:
         for component in MODEL_COMPONENTS:
-            convert_component(src / component, tmp / component, component, dtype)
+            convert_component(sources[component], tmp / component, component, dtype)
         for component in COPIED_COMPONENTS:
-            shutil.copytree(src / component, tmp / component)
+            shutil.copytree(sources[component], tmp / component)
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
-        manifest = {"format": W.FORMAT_NAME, "format_version": W.FORMAT_VERSION, "dtype": dtype, "source": str(src)}
+        manifest = {"format": W.FORMAT_NAME, "format_version": W.FORMAT_VERSION, "dtype": dtype, "source": str(src),
+                    "vae": str(sources["vae"])}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return dst
 

@@ -79,7 +79,6 @@ def build_model(config: dict[str, Any], component: str) -> nn.Module:
         ("vae", "AutoencoderTiny"): (taesd.TinyVAEConfig, taesd.AutoencoderTiny),
         ("vae", "AutoencoderKL"): (autoencoder_kl.KLVAEConfig, autoencoder_kl.AutoencoderKL),
         ("text_encoder", "CLIPTextModel"): (clip.CLIPTextConfig, clip.CLIPTextModel),
-        ("text_encoder", "CLIPTextModelWithProjection"): (clip.CLIPTextConfig, clip.CLIPTextModel),
     }
     if (component, class_name) not in registry:
         known = ", ".join(name for comp, name in registry if comp == component)

@@ -1,0 +1,120 @@
+"""The MLX pipeline against diffusers' own pipelines on the same random weights and the same noise.
+
+Fidelity tolerance (fp32, uint8 pixels): mean |Δ| ≤ 1/255 and max |Δ| ≤ 4/255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+from mlx_sdxs.convert import convert_checkpoint
+from mlx_sdxs.pipeline import SDXSPipeline
+
+SIZE = 64
+MEAN_TOL, MAX_TOL = 1.0, 4.0  # in uint8 steps (1/255, 4/255)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    source = build_checkpoint(root / "diffusers")
+    return source, convert_checkpoint(source, root / "mlx")
+
+
+@pytest.fixture(scope="module")
+def mlx_pipe(checkpoint):
+    return SDXSPipeline.from_weights(checkpoint[1], name="tiny")
+
+
+def assert_pixels_close(ours: np.ndarray, reference: np.ndarray) -> None:
+    assert ours.shape == reference.shape and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
+    assert diff.mean() <= MEAN_TOL and diff.max() <= MAX_TOL, f"mean {diff.mean():.3f}, max {diff.max()} (uint8 steps)"
+
+
+def torch_noise(noise_nhwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(noise_nhwc.transpose(0, 3, 1, 2).copy())
+
+
+def reference_uint8(images: np.ndarray) -> np.ndarray:
+    """diffusers' output_type='np' ([0, 1] floats) → uint8 the way its PIL path rounds."""
+    return (images[0] * 255).round().astype(np.uint8)
+
+
+def noise_for(pipe: SDXSPipeline, seed: int) -> np.ndarray:
+    return np.array(pipe.noise(seed, SIZE))
+
+
+def test_txt2img_matches_stable_diffusion_pipeline(checkpoint, mlx_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(checkpoint[0], safety_checker=None, requires_safety_checker=False)
+    noise = noise_for(mlx_pipe, seed=3)
+    prompt = "a photo of the cat in the sun"
+    with torch.no_grad():
+        expected = ref(prompt, num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+                       latents=torch_noise(noise), output_type="np").images
+    ours = mlx_pipe.txt2img(prompt, size=SIZE, noise=noise)
+    assert_pixels_close(ours, reference_uint8(expected))
+
+
+def test_strength_img2img_matches_img2img_pipeline(checkpoint, mlx_pipe, monkeypatch):
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = StableDiffusionImg2ImgPipeline.from_pretrained(checkpoint[0], safety_checker=None,
+                                                         requires_safety_checker=False)
+    noise = noise_for(mlx_pipe, seed=5)
+    # diffusers draws its own noise; hand it ours so both sides add the same tensor.
+    monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **kw: torch_noise(noise).reshape(shape))
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    prompt = "an oil painting of a harbour"
+    # 2 trailing steps at strength 0.5 = exactly one UNet call at t=499, the same t as ours.
+    with torch.no_grad():
+        expected = ref(prompt, image=image.astype(np.float32)[None] / 255.0, strength=0.5, num_inference_steps=2,
+                       guidance_scale=0.0, output_type="np").images
+    assert mlx_pipe.scheduler.strength_timestep(0.5) == 499
+    ours = mlx_pipe.img2img(image, prompt, strength=0.5, size=SIZE, noise=noise)
+    assert_pixels_close(ours, reference_uint8(expected))
+
+
+def test_prompt_embeddings_are_cached(mlx_pipe):
+    first = mlx_pipe.encode_prompt("cached prompt")
+    assert mlx_pipe.encode_prompt("cached prompt") is first
+
+
+def test_stream_feedback_and_morph_change_the_output(mlx_pipe):
+    from mlx_sdxs.backends.base import RecipeSettings
+
+    image = np.random.default_rng(1).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    import mlx.core as mx
+
+    frames = []
+    stream = mlx_pipe.stream(RecipeSettings(render_size=SIZE, feedback=0.5), "a")
+    for _ in range(2):
+        frames.append(np.array(stream(mx.array(image))))
+    assert not np.allclose(frames[0], frames[1]), "feedback from the previous latent must change frame 2"
+    embeds_before = stream.embeds
+    stream.set_prompt("b")
+    stream(mx.array(image))
+    moved = np.array(stream.embeds - embeds_before)
+    expected = 0.05 * np.array(stream.target - embeds_before)
+    np.testing.assert_allclose(moved, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_size_must_fit_the_unet(mlx_pipe):
+    from mlx_sdxs.errors import ImageError
+
+    with pytest.raises(ImageError, match="multiple of 16"):
+        mlx_pipe.txt2img("x", size=72)
+
+
+def test_sdxs_strength_warning(mlx_pipe):
+    pipe = SDXSPipeline(mlx_pipe.unet, mlx_pipe.vae, mlx_pipe.text_encoder, mlx_pipe.tokenizer, mlx_pipe.scheduler,
+                        name="IDKiro/sdxs-512-0.9")
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with pytest.warns(UserWarning, match="mud"):
+        pipe.img2img(image, "x", strength=0.5, size=SIZE)
