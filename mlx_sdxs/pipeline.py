@@ -109,6 +109,9 @@ class SDXSPipeline:
         if prompt in self._prompts:
             self._prompts.move_to_end(prompt)
             return self._prompts[prompt]
+        if self.tokenizer.is_truncated(prompt):
+            warnings.warn(f"prompt is longer than the text encoder's {self.tokenizer.max_length} tokens and was "
+                          f"truncated: {prompt[:60]!r}…", stacklevel=2)
         ids = mx.array(self.tokenizer([prompt]))
         embeds = self.text_encoder(ids).astype(self.dtype)
         mx.eval(embeds)
@@ -192,6 +195,9 @@ class ImageStream:
         self.noise_term = sqrt_one_minus * mx.array(fixed_noise(settings, pipeline.latent_channels)).astype(pipeline.dtype)
         self.embeds = self.target = pipeline.encode_prompt(prompt)
         self.previous: mx.array | None = None
+        # Evaluate now: MLX graphs are bound to the creating thread's stream, and the camera loop
+        # runs frames on its inference thread.
+        mx.eval(self.noise_term)
 
     def set_prompt(self, prompt: str) -> None:
         """Morph towards `prompt` over the next frames (seed: 5 % of the remaining distance per frame)."""

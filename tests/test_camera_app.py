@@ -1,0 +1,153 @@
+"""`run_camera`: flags, exit statuses, error reporting, Ctrl-C/quit finalising outputs, headless fallback."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+
+import pytest
+from fake_backend import CountingSource, FakeBackend, count_video_frames, no_leaked_threads  # noqa: F401
+
+from mlx_sdxs.camera.app import add_camera_arguments, run_camera
+from mlx_sdxs.camera.display import DisplayStage, VideoRecorder
+from mlx_sdxs.camera.loop import run_loop
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_camera_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+HEADLESS = ("--source", "synthetic", "--capture-size", "161x121", "--fps", "200", "--headless",
+            "--render-size", "128", "--output-size", "64")
+
+
+def test_flags_defaults_and_validation(capsys):
+    args = parse()
+    assert (args.source, args.render_size, args.ema, args.blend, args.feedback) == (None, 512, 0.4, 0.0, 0.1)
+    assert args.window and args.similarity_threshold > 0 and args.loop
+    assert parse("--camera", "1", "--render-size", "320", "--no-loop").source == "1"
+    for bad, message in ((("--render-size", "300"), "multiple of 64 in [128, 1024]"),
+                         (("--render-size", "2048"), "--render-size must be in [128, 1024]"),
+                         (("--blend", "1.5"), "--blend must be in [0.0, 1.0]"),
+                         (("--capture-size", "640"), "--capture-size must look like 640x480")):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_headless_session_records_and_reports(tmp_path, capsys):
+    backends = []
+
+    def make_backend(args):
+        assert args.prompt == "a fox" and args.render_size == 128 and args.feedback == 0.2
+        backends.append(FakeBackend(render_size=args.render_size, label="RANDOM WEIGHTS - not a trained model"))
+        return backends[0]
+
+    record = tmp_path / "session.mp4"
+    status = run_camera(parse(*HEADLESS, "--prompt", "a fox", "--feedback", "0.2", "--max-frames", "5",
+                              "--record", str(record), "--frames-dir", str(tmp_path / "frames")), make_backend)
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "displayed 5" in out and "latency p50" in out and "AI " in out
+    assert count_video_frames(record) >= 1 and len(list((tmp_path / "frames").glob("*.png"))) == 5
+    assert backends[0].closed and backends[0].warmed and backends[0].prompts == ["a fox"]
+    assert backends[0].threads == {"sdxs-inference"}
+
+
+@pytest.mark.timeout(30)
+def test_backend_failure_stops_within_two_seconds_with_the_error(tmp_path, capsys):
+    backend = FakeBackend(render_size=128, fail_at=4)
+    record = tmp_path / "crash.mp4"
+    status = run_camera(parse(*HEADLESS, "--record", str(record)), lambda args: backend)
+    returned = time.perf_counter()
+    err = capsys.readouterr().err
+    assert status == 1
+    assert returned - backend.failed_at < 2.0
+    assert "error: inference thread failed at frame" in err and "RuntimeError: fake failure at call 4" in err
+    assert "Traceback" not in err
+    assert count_video_frames(record) >= 1 and not list(tmp_path.glob(".*partial*"))  # finalised on the error path
+    assert backend.closed
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_finalises_the_video(tmp_path, capsys):
+    frames = tmp_path / "frames"
+    sent = []
+
+    def interrupt(call: int) -> None:
+        # Ctrl-C (SIGINT to the main thread) once a few frames were shown, so the video has something in it.
+        if not sent and len(list(frames.glob("*.png"))) >= 3:
+            sent.append(call)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    backend = FakeBackend(render_size=128, cost_s=0.005, on_frame=interrupt)
+    record = tmp_path / "interrupted.mp4"
+    status = run_camera(parse(*HEADLESS, "--record", str(record), "--frames-dir", str(frames),
+                              "--similarity-threshold", "0"), lambda args: backend)
+    out, err = capsys.readouterr()
+    assert status == 130 and "interrupted" in err and "(interrupted)" in out
+    assert count_video_frames(record) >= 1 and not list(tmp_path.glob(".*partial*"))
+    assert backend.closed
+
+
+class KeyWindow:
+    """An OpenCV-window stand-in that presses `key` at the n-th poll."""
+
+    def __init__(self, key: str, at: int):
+        self.key, self.at, self.polls, self.shown, self.closed = ord(key), at, 0, 0, False
+
+    def show(self, frame):
+        self.shown += 1
+
+    def poll_key(self) -> int:
+        self.polls += 1
+        return self.key if self.polls == self.at else -1
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.timeout(30)
+def test_quit_key_finalises_the_video(tmp_path):
+    record = tmp_path / "quit.mp4"
+    window = KeyWindow("q", at=4)
+    display = DisplayStage(output_size=64, prompts=["x"], window=window, sinks=[VideoRecorder(record, fps=30)])
+    try:
+        stats = run_loop(CountingSource(fps=200), FakeBackend(), display)
+    finally:
+        display.close()
+    assert stats.stop_reason == "quit" and window.closed and window.shown >= 1
+    assert count_video_frames(record) >= 1
+
+
+@pytest.mark.timeout(30)
+def test_no_display_falls_back_to_headless_with_a_preview(monkeypatch, capsys):
+    monkeypatch.setattr("mlx_sdxs.camera.app.display_available", lambda: False)
+    argv = [a for a in HEADLESS if a != "--headless"]
+    status = run_camera(parse(*argv, "--preview-port", "0", "--max-frames", "3"),
+                        lambda args: FakeBackend(render_size=128))
+    err = capsys.readouterr().err
+    assert status == 0
+    assert err.count("no display available") == 1 and "live preview at http://127.0.0.1:" in err
+
+
+def test_bad_prompt_file_and_bad_video_exit_1_naming_the_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"fine\n\xff\xfe broken\n")
+
+    def never(args):
+        raise AssertionError("the backend must not be built")
+
+    assert run_camera(parse(*HEADLESS, "--prompts", str(prompts)), never) == 1
+    assert f"--prompts {prompts}, line 2: not valid UTF-8" in capsys.readouterr().err
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(b"not a video")
+    args = parse(*HEADLESS)
+    args.source = str(video)
+    assert run_camera(args, never) == 1
+    assert f"video file {video} cannot be read" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""Display composition, overlays, keys, EMA/blend, video/PNG outputs, MJPEG preview, prompt files."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+from fake_backend import count_video_frames, no_leaked_threads  # noqa: F401 (autouse fixture)
+
+from mlx_sdxs.backends.base import center_crop_resize
+from mlx_sdxs.camera.display import (DisplayStage, FramesWriter, OutputError, VideoRecorder, compose_frame,
+                                     display_available, draw_banner)
+from mlx_sdxs.camera.loop import LoopControl, Result
+from mlx_sdxs.camera.preview import BOUNDARY, PreviewServer
+from mlx_sdxs.camera.prompts import GALLERY, load_prompts
+from mlx_sdxs.camera.sources import SyntheticSource
+from mlx_sdxs.errors import SDXSError
+
+
+@pytest.fixture
+def camera_frame() -> np.ndarray:
+    return SyntheticSource(641, 479, seed=1).render(5)
+
+
+@pytest.fixture
+def ai_frame() -> np.ndarray:
+    return np.full((64, 64, 3), (200, 40, 90), np.uint8)
+
+
+def test_composed_frame_halves_and_overlay(tmp_path, camera_frame, ai_frame):
+    plain = compose_frame(camera_frame, ai_frame, 160)
+    lines = ["AI: 3.0 FPS | Display: 2.9 FPS | Prompt 2/10: a pencil sketch"]
+    shown = compose_frame(camera_frame, ai_frame, 160, lines=lines, banner="RANDOM WEIGHTS - not a trained model")
+    path = tmp_path / "composed.png"
+    cv2.imwrite(str(path), shown)
+    saved = cv2.imread(str(path))
+
+    assert plain.shape == saved.shape == (160, 320, 3)
+    assert np.array_equal(plain[:, :160], center_crop_resize(camera_frame, 160))  # same crop as the backend
+    assert np.array_equal(plain[:, 160:], center_crop_resize(ai_frame, 160))
+    assert np.mean(np.abs(plain[:, :160].astype(int) - plain[:, 160:])) > 20
+    changed = np.any(saved != plain, axis=2)
+    rows = np.flatnonzero(changed.any(axis=1))
+    assert changed[:40].sum() > 200, "overlay text missing at the top"
+    assert changed[-30:].sum() > 1000, "banner missing at the bottom"
+    assert not changed[40:-30].any(), "overlay leaked into the picture"
+    assert rows.min() < 40 and rows.max() >= 130
+
+
+def test_blend_mixes_the_camera_into_the_ai_half(camera_frame, ai_frame):
+    full = compose_frame(camera_frame, ai_frame, 96, blend=1.0)
+    assert np.array_equal(full[:, 96:], full[:, :96])
+    half = compose_frame(camera_frame, ai_frame, 96, blend=0.5).astype(int)
+    expected = (center_crop_resize(camera_frame, 96).astype(int) + center_crop_resize(ai_frame, 96)) / 2
+    assert np.max(np.abs(half[:, 96:] - expected)) <= 1
+
+
+def test_banner_works_on_any_channel_order():
+    image = np.full((128, 256, 3), 200, np.uint8)
+    out = draw_banner(image, "RANDOM WEIGHTS")
+    assert out is image and np.array_equal(out[..., 0], out[..., 2])
+
+
+def _result(ai_value: int, seq: int = 1) -> Result:
+    return Result(seq, 0.0, np.full((48, 64, 3), 10, np.uint8), np.full((32, 32, 3), ai_value, np.uint8), False)
+
+
+def test_display_stage_ema_keys_and_save(tmp_path):
+    control = LoopControl()
+    display = DisplayStage(output_size=32, prompts=list(GALLERY), ema=0.4, save_dir=tmp_path / "saved",
+                           overlay=False)
+    display.present(_result(100), control)
+    display.present(_result(200, 2), control)
+    assert np.all(np.abs(display.last_frame[:, 32:].astype(int) - (0.4 * 100 + 0.6 * 200)) <= 1)
+
+    display.handle_key(ord("n"), control)
+    assert control.take_prompt() == GALLERY[1]
+    display.handle_key(ord("p"), control)
+    display.handle_key(ord("p"), control)
+    assert control.take_prompt() == GALLERY[-1] and display.prompt_index == len(GALLERY) - 1
+    for key, attribute, value in (("+", "blend", 0.1), ("-", "blend", 0.0), ("-", "blend", 0.0),
+                                  ("e", "ema", 0.5), ("d", "ema", 0.4)):
+        display.handle_key(ord(key), control)
+        assert getattr(display, attribute) == pytest.approx(value)
+    for _ in range(20):
+        display.handle_key(ord("e"), control)
+    assert display.ema == pytest.approx(0.9)
+
+    display.handle_key(ord("s"), control)
+    saved = list((tmp_path / "saved").glob("mlx-sdxs-*.png"))
+    assert len(saved) == 1 and cv2.imread(str(saved[0])).shape == (32, 32, 3)
+    assert not control.quit_requested
+    display.handle_key(27, control)
+    assert control.quit_requested
+
+
+def test_display_overlay_names_fps_and_prompt():
+    control = LoopControl()
+    display = DisplayStage(output_size=64, prompts=["one", "two"], prompt_index=1)
+    line = display.status_lines(control)[0]
+    assert line.startswith("AI: 0.0 FPS | Display: 0.0 FPS | Prompt 2/2: two")
+
+
+def test_video_recorder_writes_real_time_and_renames_at_close(tmp_path, camera_frame):
+    path = tmp_path / "out.mp4"
+    recorder = VideoRecorder(path, fps=10)
+    frame = compose_frame(camera_frame, camera_frame, 64)
+    for step in range(6):  # 0.55 s of display time at 10 FPS -> 6 frames (frame 0 at t=0)
+        recorder.write(frame, 100.0 + step * 0.1 + (0.05 if step else 0.0))
+    assert recorder.partial.exists() and not path.exists()  # never half-written under the final name
+    recorder.close()
+    assert path.exists() and not recorder.partial.exists()
+    assert count_video_frames(path) == recorder.frames_written == 6
+    with pytest.raises(OutputError, match=r"--record .*clip.avi: use a .mp4"):
+        VideoRecorder(tmp_path / "clip.avi", fps=10)
+
+
+def test_frames_writer_numbers_pngs(tmp_path):
+    writer = FramesWriter(tmp_path / "frames")
+    for value in (10, 20):
+        writer.write(np.full((16, 32, 3), value, np.uint8), 0.0)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_000001.png", "frame_000002.png"]
+
+
+@pytest.mark.timeout(20)
+def test_mjpeg_preview_serves_decodable_jpegs_on_localhost(camera_frame):
+    preview = PreviewServer(0)
+    try:
+        assert preview.url.startswith("http://127.0.0.1:")
+        preview.write(camera_frame)
+        with urllib.request.urlopen(preview.url + "frame.jpg", timeout=5) as response:
+            assert response.headers["Content-Type"] == "image/jpeg"
+            jpeg = response.read()
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == camera_frame.shape
+        assert np.mean(np.abs(image.astype(int) - camera_frame)) < 8
+
+        with urllib.request.urlopen(preview.url + "stream.mjpg", timeout=5) as stream:
+            assert stream.headers["Content-Type"] == f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+            assert stream.readline() == f"--{BOUNDARY}\r\n".encode()
+            headers = {}
+            while (line := stream.readline().strip()):
+                key, _, value = line.decode().partition(": ")
+                headers[key] = value
+            part = stream.read(int(headers["Content-Length"]))
+        assert cv2.imdecode(np.frombuffer(part, np.uint8), cv2.IMREAD_COLOR).shape == camera_frame.shape
+
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(preview.url + "nothing", timeout=5)
+    finally:
+        preview.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", preview.port), timeout=1).close()
+
+
+@pytest.mark.timeout(20)
+def test_preview_port_in_use_is_a_clear_error():
+    preview = PreviewServer(0)
+    try:
+        with pytest.raises(SDXSError, match=f"--preview-port {preview.port}: cannot listen on 127.0.0.1"):
+            PreviewServer(preview.port)
+    finally:
+        preview.close()
+
+
+def test_prompt_file_skips_comments_and_names_bad_lines(tmp_path):
+    good = tmp_path / "prompts.txt"
+    good.write_bytes("\ufeffa fox\n\n# comment\n  a café at night  \n".encode())
+    assert load_prompts(good) == ["a fox", "a café at night"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"one\ntwo\nthr\xe9e\n")
+    with pytest.raises(SDXSError, match=rf"--prompts {bad}, line 3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        load_prompts(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(SDXSError, match="no prompts"):
+        load_prompts(empty)
+    assert len(GALLERY) == 10 and len(set(GALLERY)) == 10
+
+
+def test_display_available_follows_the_environment(monkeypatch):
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not display_available()
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    assert display_available()
