@@ -292,3 +292,19 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     vocab.update({symbol + END_OF_WORD: len(symbols) + i for i, symbol in enumerate(symbols)})
     vocab.update({BOS_TOKEN: 49406, EOS_TOKEN: 49407})
     return CLIPTokenizer(vocab, [], where="byte-level tokenizer")
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> Path:
+    """Write `tokenizer` in the Hugging Face layout (vocab.json, merges.txt, tokenizer_config.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {i: token for token, i in tokenizer.vocab.items()}
+    ranked = sorted(tokenizer.merge_ranks.items(), key=lambda item: item[1])
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{left} {right}\n" for (left, right), _ in ranked)
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
+              "bos_token": by_id[tokenizer.bos_id], "eos_token": by_id[tokenizer.eos_id],
+              "pad_token": by_id[tokenizer.pad_id], "unk_token": by_id[tokenizer.unk_id]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
