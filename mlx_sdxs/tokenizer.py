@@ -67,7 +67,7 @@ def _clip_pattern() -> re.Pattern[str]:
 
 
 @functools.cache
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable character table (printable Latin-1 bytes map to themselves)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
@@ -190,7 +190,7 @@ class CLIPTokenizer:
 
     def _encode_text(self, text: str) -> list[int]:
         """Ids of a normalised stretch of text that holds no special token."""
-        byte_table = _byte_to_unicode()
+        byte_table = byte_to_unicode()
         ids: list[int] = []
         for piece in _clip_pattern().findall(text):
             # The byte-level pre-tokenizer re-splits the literal special tokens into "<|", name, "|>".
@@ -287,7 +287,7 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     Ids follow the real CLIP layout (bytes 0–255, bytes+</w> 256–511, bos/eos 49406/49407), so they fit
     any CLIP text encoder; there are no merges, so it needs no vocabulary file.
     """
-    symbols = list(_byte_to_unicode().values())
+    symbols = list(byte_to_unicode().values())
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
     vocab.update({symbol + END_OF_WORD: len(symbols) + i for i, symbol in enumerate(symbols)})
     vocab.update({BOS_TOKEN: 49406, EOS_TOKEN: 49407})

@@ -12,7 +12,6 @@ The layout follows SDXS-512-0.9 at toy width: CrossAttn down/up blocks, no mid b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from mlx_sdxs.reference import write_checkpoint
+from mlx_sdxs.tokenizer import CLIPTokenizer, byte_to_unicode
 from oracle import randomize_
 
 TEXT_DIM = 32
@@ -80,39 +81,12 @@ def tiny_vae(seed: int = 1, kind: str = "tiny") -> torch.nn.Module:
     return randomize_(vae, seed)
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte → printable character table (printable bytes map to themselves)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def write_tokenizer(folder: Path) -> int:
-    """Write a tiny CLIP BPE vocabulary in the Hugging Face layout; returns the vocabulary size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A tiny CLIP BPE vocabulary: single bytes, their `</w>` forms and a few merges, then the special tokens."""
+    symbols = list(byte_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in _MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES)
-    (folder / "merges.txt").write_text(merges, encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return len(tokens)
+    return CLIPTokenizer({t: i for i, t in enumerate(tokens)}, list(_MERGES))
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 2) -> CLIPTextModel:
@@ -133,25 +107,10 @@ def tiny_text_encoder(vocab_size: int, seed: int = 2) -> CLIPTextModel:
 
 def build_checkpoint(path: str | Path, seed: int = 0, vae: str = "tiny") -> Path:
     """Write a complete tiny diffusers checkpoint folder at `path` (seeded, so reproducible); returns it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(path / "tokenizer")
-    tiny_unet(seed).save_pretrained(path / "unet", safe_serialization=True)
-    tiny_vae(seed + 1, vae).save_pretrained(path / "vae", safe_serialization=True)
-    tiny_text_encoder(vocab_size, seed + 2).save_pretrained(path / "text_encoder", safe_serialization=True)
-    (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-    vae_class = "AutoencoderTiny" if vae == "tiny" else "AutoencoderKL"
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", vae_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }
-    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    return path
+    tokenizer = tiny_tokenizer()
+    models = {"unet": tiny_unet(seed), "vae": tiny_vae(seed + 1, vae),
+              "text_encoder": tiny_text_encoder(len(tokenizer.vocab), seed + 2)}
+    return write_checkpoint(path, models, SCHEDULER_CONFIG, tokenizer)
 
 
 def camera_frames(count: int, height: int = 120, width: int = 160, seed: int = 0) -> list[np.ndarray]:

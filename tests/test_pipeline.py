@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import build_checkpoint
+from checkpoints import assert_pixels_close, build_checkpoint
 from mlx_sdxs.convert import convert_checkpoint
 from mlx_sdxs.pipeline import SDXSPipeline
 
 SIZE = 64
-MEAN_TOL, MAX_TOL = 1.0, 4.0  # in uint8 steps (1/255, 4/255)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlx_pipe(checkpoint):
     return SDXSPipeline.from_weights(checkpoint[1], name="tiny")
-
-
-def assert_pixels_close(ours: np.ndarray, reference: np.ndarray) -> None:
-    assert ours.shape == reference.shape and ours.dtype == np.uint8
-    diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
-    assert diff.mean() <= MEAN_TOL and diff.max() <= MAX_TOL, f"mean {diff.mean():.3f}, max {diff.max()} (uint8 steps)"
 
 
 def torch_noise(noise_nhwc: np.ndarray) -> torch.Tensor:
@@ -58,7 +51,7 @@ def test_txt2img_matches_stable_diffusion_pipeline(checkpoint, mlx_pipe):
         expected = ref(prompt, num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
                        latents=torch_noise(noise), output_type="np").images
     ours = mlx_pipe.txt2img(prompt, size=SIZE, noise=noise)
-    assert_pixels_close(ours, reference_uint8(expected))
+    assert_pixels_close(ours, reference_uint8(expected), "pipeline vs diffusers")
 
 
 def test_strength_img2img_matches_img2img_pipeline(checkpoint, mlx_pipe, monkeypatch):
@@ -78,7 +71,7 @@ def test_strength_img2img_matches_img2img_pipeline(checkpoint, mlx_pipe, monkeyp
                        guidance_scale=0.0, output_type="np").images
     assert mlx_pipe.scheduler.strength_timestep(0.5) == 499
     ours = mlx_pipe.img2img(image, prompt, strength=0.5, size=SIZE, noise=noise)
-    assert_pixels_close(ours, reference_uint8(expected))
+    assert_pixels_close(ours, reference_uint8(expected), "pipeline vs diffusers")
 
 
 def test_prompt_embeddings_are_cached(mlx_pipe):
