@@ -16,14 +16,13 @@ graphs keeps them alike. Conversion works on any OS; prediction needs macOS.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from convert import Graph, build_graphs, check_render_size, make_manifest
+from mlx_sdxs.convert import atomic_dir
 from mlx_sdxs.errors import SDXSError
 
 PRECISIONS = ("float16", "float32")
@@ -63,19 +62,12 @@ def export_coreml(checkpoint_dir: str | Path, out_dir: str | Path, render_size: 
         raise ValueError(f"minimum_deployment_target must be one of {', '.join(DEPLOYMENT_TARGETS)}")
     out_dir = Path(out_dir)
     graphs = build_graphs(checkpoint_dir, render_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         files = {}
         for component, graph in graphs.items():
             files[component] = f"{component}.mlpackage"
             convert_graph(graph, precision, minimum_deployment_target).save(str(staging / files[component]))
         make_manifest("coreml", checkpoint_dir, render_size, precision, graphs, files).save(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

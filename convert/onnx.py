@@ -10,14 +10,13 @@ legacy TorchScript exporter fails on the SDXS UNet, and dynamo at opset 17 produ
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from convert import build_graphs, check_render_size, make_manifest
+from mlx_sdxs.convert import atomic_dir
 from mlx_sdxs.errors import SDXSError
 
 OPSET = 18
@@ -28,9 +27,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, render_size: in
     check_render_size(render_size)
     out_dir = Path(out_dir)
     graphs = build_graphs(checkpoint_dir, render_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         files = {}
         for component, graph in graphs.items():
             files[component] = f"{component}.onnx"
@@ -40,11 +37,6 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, render_size: in
                                   dynamo=True, opset_version=OPSET, input_names=list(graph.inputs),
                                   output_names=[graph.output], external_data=False, verbose=False)
         make_manifest("onnx", checkpoint_dir, render_size, "float32", graphs, files).save(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -73,7 +73,7 @@ def convert_component(src: str | Path, dst: str | Path, component: str, dtype: s
             converted[new_key], origin[new_key] = value, key
     W.check_keys({k: tuple(v.shape) for k, v in converted.items()}, expected, str(src))
 
-    with _atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         metadata = {"format": W.FORMAT_NAME, "format_version": str(W.FORMAT_VERSION), "dtype": dtype}
         mx.save_safetensors(str(tmp / W.WEIGHTS_FILE), converted, metadata=metadata)
         shutil.copy2(src / W.CONFIG_FILE, tmp / W.CONFIG_FILE)
@@ -94,7 +94,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
     missing = [str(folder) for folder in sources.values() if not folder.is_dir()]
     if missing:
         raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
-    with _atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         for component in MODEL_COMPONENTS:
             convert_component(sources[component], tmp / component, component, dtype)
         for component in COPIED_COMPONENTS:
@@ -106,7 +106,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
     return dst
 
 
-class _atomic_dir:
+class atomic_dir:
     """Context manager yielding a temp folder beside `dst` that replaces `dst` only on success."""
 
     def __init__(self, dst: Path):

@@ -70,6 +70,18 @@ class Backend(Protocol):
         """Release models/devices; idempotent."""
 
 
+class WarmupKeepsState:
+    """`warmup` for backends whose stream state is `previous_denoised` and `embeds`: run grey frames, then
+    restore that state so the first real frame starts clean."""
+
+    def warmup(self, frames: int = 2) -> None:
+        state = (self.previous_denoised, self.embeds)
+        grey = np.full((self.render_size, self.render_size, 3), 127, dtype=np.uint8)
+        for _ in range(frames):
+            self.process(grey)
+        self.previous_denoised, self.embeds = state
+
+
 def center_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
     """Centre crop to a square, then resize to `size`² (INTER_AREA shrinking, INTER_LINEAR growing)."""
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:

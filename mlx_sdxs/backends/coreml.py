@@ -14,8 +14,8 @@ import numpy as np
 
 from mlx_sdxs.backends.base import RecipeSettings
 from mlx_sdxs.backends.numpy_recipe import (DECODER_INPUT, DECODER_OUTPUT, ENCODER_INPUT, ENCODER_OUTPUT,
-                                            UNET_INPUTS, UNET_OUTPUT, ExportManifest, NumpyRecipeBackend,
-                                            PromptEncoder, torch_clip_prompt_encoder)
+                                            UNET_INPUTS, UNET_OUTPUT, NumpyRecipeBackend,
+                                            PromptEncoder)
 from mlx_sdxs.errors import BackendUnavailable, ConfigError
 
 COMPUTE_UNITS = ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY")
@@ -35,19 +35,12 @@ class CoreMLBackend(NumpyRecipeBackend):
             import coremltools as ct
         except ImportError:
             raise BackendUnavailable("the coreml backend needs coremltools: pip install 'mlx-sdxs[coreml]'") from None
-        package_dir = Path(package_dir)
-        manifest = ExportManifest.load(package_dir, "coreml")
-        if manifest.render_size != settings.render_size:
-            raise ConfigError(f"{package_dir}: exported for render size {manifest.render_size}, settings ask for "
-                              f"{settings.render_size}; re-export with --render-size {settings.render_size}")
-        checkpoint = manifest.checkpoint_dir(checkpoint_dir)
-        super().__init__(settings, checkpoint / "scheduler" / "scheduler_config.json", manifest.latent_channels,
-                         prompt_encoder or torch_clip_prompt_encoder(checkpoint))
+        super().__init__(package_dir, "coreml", settings, checkpoint_dir, prompt_encoder)
 
         self.name = f"coreml-{compute_units.lower().replace('_', '-')}"
         units = getattr(ct.ComputeUnit, compute_units)
-        self.models = {component: ct.models.MLModel(str(package_dir / file), compute_units=units)
-                       for component, file in manifest.files.items()}
+        self.models = {component: ct.models.MLModel(str(self.export_dir / file), compute_units=units)
+                       for component, file in self.manifest.files.items()}
         if prompt is not None:
             self.set_prompt(prompt)
 

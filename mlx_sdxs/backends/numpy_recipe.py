@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from mlx_sdxs.backends.base import STAGES, RecipeSettings, fixed_noise, frame_to_model_input, model_output_to_frame
+from mlx_sdxs.backends.base import STAGES, RecipeSettings, WarmupKeepsState, fixed_noise, frame_to_model_input, model_output_to_frame
 from mlx_sdxs.errors import ConfigError
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 
@@ -88,13 +88,24 @@ def torch_clip_prompt_encoder(checkpoint_dir: Path) -> PromptEncoder:
     return lambda prompt: encoder(prompt).numpy().astype(np.float32)
 
 
-class NumpyRecipeBackend:
+class NumpyRecipeBackend(WarmupKeepsState):
     """Stream state and per-frame recipe; subclasses implement `_encode`, `_unet`, `_decode` (NCHW float32)."""
 
     name = "numpy-recipe"
 
-    def __init__(self, settings: RecipeSettings, scheduler_config: Path, latent_channels: int,
-                 prompt_encoder: PromptEncoder):
+    def __init__(self, export_dir: str | Path, export_format: str, settings: RecipeSettings,
+                 checkpoint_dir: str | Path | None = None, prompt_encoder: PromptEncoder | None = None):
+        """Read `export_dir`'s manifest (checked against `settings`); the text encoder and scheduler come from
+        the source checkpoint it names (or `checkpoint_dir`)."""
+        self.export_dir = Path(export_dir)
+        self.manifest = ExportManifest.load(self.export_dir, export_format)
+        if self.manifest.render_size != settings.render_size:
+            raise ConfigError(f"{self.export_dir}: exported for render size {self.manifest.render_size}, settings ask "
+                              f"for {settings.render_size}; re-export with --render-size {settings.render_size}")
+        checkpoint = self.manifest.checkpoint_dir(checkpoint_dir)
+        scheduler_config = checkpoint / "scheduler" / "scheduler_config.json"
+        latent_channels = self.manifest.latent_channels
+        prompt_encoder = prompt_encoder or torch_clip_prompt_encoder(checkpoint)
         self.settings = settings
         self.render_size = settings.render_size
         self.profile_stages = False
@@ -157,11 +168,3 @@ class NumpyRecipeBackend:
         # Every call here is synchronous, so timing costs nothing and is always recorded.
         self.last_stage_ms = {stage: 1000.0 * (b - a) for stage, a, b in zip(STAGES, marks, marks[1:])}
         return frame
-
-    def warmup(self, frames: int = 2) -> None:
-        """Run a few grey frames, then restore the stream state so the first real frame starts clean."""
-        state = (self.previous_denoised, self.embeds)
-        grey = np.full((self.render_size, self.render_size, 3), 127, dtype=np.uint8)
-        for _ in range(frames):
-            self.process(grey)
-        self.previous_denoised, self.embeds = state

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mlx_sdxs.backends.base import RecipeSettings
-from mlx_sdxs.backends.numpy_recipe import (DECODER_INPUT, ENCODER_INPUT, UNET_INPUTS, ExportManifest,
-                                            NumpyRecipeBackend, PromptEncoder, torch_clip_prompt_encoder)
-from mlx_sdxs.errors import BackendUnavailable, ConfigError
+from mlx_sdxs.backends.numpy_recipe import (DECODER_INPUT, ENCODER_INPUT, UNET_INPUTS, NumpyRecipeBackend, PromptEncoder)
+from mlx_sdxs.errors import BackendUnavailable
 
 
 class OnnxBackend(NumpyRecipeBackend):
@@ -28,21 +27,14 @@ class OnnxBackend(NumpyRecipeBackend):
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailable("the onnx backend needs onnxruntime: pip install 'mlx-sdxs[onnx]'") from None
-        onnx_dir = Path(onnx_dir)
-        manifest = ExportManifest.load(onnx_dir, "onnx")
-        if manifest.render_size != settings.render_size:
-            raise ConfigError(f"{onnx_dir}: exported for render size {manifest.render_size}, settings ask for "
-                              f"{settings.render_size}; re-export with --render-size {settings.render_size}")
-        checkpoint = manifest.checkpoint_dir(checkpoint_dir)
-        super().__init__(settings, checkpoint / "scheduler" / "scheduler_config.json", manifest.latent_channels,
-                         prompt_encoder or torch_clip_prompt_encoder(checkpoint))
+        super().__init__(onnx_dir, "onnx", settings, checkpoint_dir, prompt_encoder)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         self.sessions = {
-            component: ort.InferenceSession(str(onnx_dir / file), options, providers=["CPUExecutionProvider"])
-            for component, file in manifest.files.items()
+            component: ort.InferenceSession(str(self.export_dir / file), options, providers=["CPUExecutionProvider"])
+            for component, file in self.manifest.files.items()
         }
         if prompt is not None:
             self.set_prompt(prompt)

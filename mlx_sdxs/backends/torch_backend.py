@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlx_sdxs.backends.base import STAGES, RecipeSettings, fixed_noise, frame_to_model_input, model_output_to_frame
+from mlx_sdxs.backends.base import STAGES, RecipeSettings, WarmupKeepsState, fixed_noise, frame_to_model_input, model_output_to_frame
 from mlx_sdxs.errors import BackendUnavailable, WeightsError
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 
@@ -121,7 +121,7 @@ def _check_device(device: str) -> None:
         raise BackendUnavailable(f"torch device {device!r} is not available on this machine (try device='cpu')")
 
 
-class TorchBackend:
+class TorchBackend(WarmupKeepsState):
     """The recipe of `base` in PyTorch on a diffusers checkpoint folder."""
 
     def __init__(self, checkpoint_dir: str | Path, settings: RecipeSettings = RecipeSettings(), device: str = "cpu",
@@ -207,14 +207,6 @@ class TorchBackend:
         if self.profile_stages:
             self.last_stage_ms = {s: 1000.0 * (b - a) for s, a, b in zip(STAGES, marks, marks[1:])}
         return frame
-
-    def warmup(self, frames: int = 2) -> None:
-        """Run a few grey frames, then restore the stream state so the first real frame starts clean."""
-        state = (self.previous_denoised, self.embeds)
-        grey = np.full((self.render_size, self.render_size, 3), 127, dtype=np.uint8)
-        for _ in range(frames):
-            self.process(grey)
-        self.previous_denoised, self.embeds = state
 
     def close(self) -> None:
         self.unet = self.encoder = self.decoder = self.prompt_encoder = None
