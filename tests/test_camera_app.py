@@ -27,7 +27,7 @@ HEADLESS = ("--source", "synthetic", "--capture-size", "161x121", "--fps", "200"
 
 def test_flags_defaults_and_validation(capsys):
     args = parse()
-    assert (args.source, args.render_size, args.ema, args.blend, args.feedback) == (None, 512, 0.4, 0.0, 0.1)
+    assert (args.source, args.render_size, args.ema, args.blend, args.feedback) == (None, None, 0.4, 0.0, 0.1)
     assert args.window and args.similarity_threshold > 0 and args.loop
     assert parse("--camera", "1", "--render-size", "320", "--no-loop").source == "1"
     for bad, message in ((("--render-size", "300"), "multiple of 64 in [128, 1024]"),

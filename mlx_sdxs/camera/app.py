@@ -85,9 +85,9 @@ def add_camera_arguments(parser: argparse.ArgumentParser) -> None:
                        help="EMA smoothing of the AI image: shown = ema*previous + (1-ema)*new (keys e/d; default 0.4)")
     style.add_argument("--feedback", type=_number(float, 0.0, 1.0, "--feedback"), default=0.1,
                        help="latent feedback of the previous frame (seed default 0.1)")
-    style.add_argument("--render-size", type=render_size, default=512,
+    style.add_argument("--render-size", type=render_size, default=None,
                        help=f"model resolution: a multiple of 64 in {list(RENDER_SIZE_RANGE)}, e.g. 256/320/384/512 "
-                            "(default 512)")
+                            "(default: 512 on a GPU, 256 on a CPU)")
     style.add_argument("--output-size", type=_number(int, 64, 2048, "--output-size"), default=512,
                        help="side of each half of the displayed frame (default 512)")
     style.add_argument("--similarity-threshold", type=_number(float, 0.0, 255.0, "--similarity-threshold"),
