@@ -177,10 +177,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from mlx_sdxs.bench import run_bench
-
-    return run_bench(args)
+def cmd_bench(bench_args: list[str]) -> int:
+    """Forwarded whole to `bench.run` (its own parser owns the flags), found in the checkout we run from."""
+    if Path("bench/run.py").is_file() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        from bench.run import main as bench_main
+    except ImportError:
+        raise SDXSError("the bench lives in the repository's bench/ folder: run `mlx-sdxs bench` (or "
+                        "`python -m bench.run`) from a checkout of mlx-sdxs, with `pip install -e '.[bench]'`") from None
+    return bench_main(bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", type=Path, default=None)
     p.set_defaults(run=cmd_download)
 
+    sub.add_parser("bench", help="MLX vs PyTorch vs ONNX Runtime vs CoreML side by side (mlx-sdxs bench --help)")
+
     p = sub.add_parser("info", help="what is converted, their sizes, the MLX device and BLAS")
     p.add_argument("--weights-dir", type=Path, default=None)
     p.set_defaults(run=cmd_info)
@@ -242,8 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"mlx-sdxs: warning: {message}\n"
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except SDXSError as exc:
         print(f"mlx-sdxs: error: {exc}", file=sys.stderr)
