@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from mlx_sdxs import hub
-from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.errors import SDXSError, WeightsError
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
@@ -142,8 +142,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from mlx_sdxs.convert import convert_checkpoint
 
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    source = Path(args.source)
+    source = Path(args.source).expanduser()
     if not source.exists():
+        if not hub.is_repo_id(args.source):
+            raise WeightsError(f"{source}: no such folder (and not a Hub repo id like {hub.DEFAULT_MODEL!r})")
         source = hub.download(args.source, args.offline or None)
     dst = args.output or (args.weights_dir or hub.default_weights_root()) / f"{source.resolve().name}-{dtype}"
     start = time.perf_counter()
@@ -258,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except SDXSError as exc:
         print(f"mlx-sdxs: error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError as exc:
+        print(f"mlx-sdxs: error: out of memory during `{args.command}`{f' ({exc})' if str(exc) else ''}; "
+              "close other programs, or try a smaller --size/--render-size or --dtype float16", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mlx-sdxs: interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sdxs import weights as W
-from mlx_sdxs.errors import WeightsError
+from mlx_sdxs.errors import SDXSError, WeightsError
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
@@ -50,11 +50,17 @@ def _checkpoint_files(src: Path) -> list[Path]:
 
 def convert_component(src: str | Path, dst: str | Path, component: str, dtype: str = "float32") -> Path:
     """Convert one component folder (config.json + safetensors) into `dst` (written atomically)."""
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
+    with atomic_dir(dst) as tmp:
+        _write_component(Path(src), tmp, component, dtype)
+    return dst
+
+
+def _write_component(src: Path, out: Path, component: str, dtype: str) -> None:
+    """Validate and convert one component into the existing folder `out` (the caller makes it atomic)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    config = W.read_config(src)
-    model = W.build_model(config, component)
+    model = W.build_model_from(src, component)
     expected = W.expected_shapes(model)
 
     converted: dict[str, mx.array] = {}
@@ -72,12 +78,14 @@ def convert_component(src: str | Path, dst: str | Path, component: str, dtype: s
                 value = value.astype(DTYPES[dtype])
             converted[new_key], origin[new_key] = value, key
     W.check_keys({k: tuple(v.shape) for k, v in converted.items()}, expected, str(src))
+    W.check_dtypes({k: v.dtype for k, v in converted.items()}, W.expected_dtypes(model), str(src))
 
-    with atomic_dir(dst) as tmp:
-        metadata = {"format": W.FORMAT_NAME, "format_version": str(W.FORMAT_VERSION), "dtype": dtype}
-        mx.save_safetensors(str(tmp / W.WEIGHTS_FILE), converted, metadata=metadata)
-        shutil.copy2(src / W.CONFIG_FILE, tmp / W.CONFIG_FILE)
-    return dst
+    metadata = {"format": W.FORMAT_NAME, "format_version": str(W.FORMAT_VERSION), "dtype": dtype}
+    try:
+        mx.save_safetensors(str(out / W.WEIGHTS_FILE), converted, metadata=metadata)
+    except RuntimeError as exc:  # MLX reports a failed write (disk full, I/O error) as RuntimeError
+        raise OSError(f"{component}/{W.WEIGHTS_FILE}: {exc}") from None
+    shutil.copy2(src / W.CONFIG_FILE, out / W.CONFIG_FILE)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32", vae: str | Path | None = None) -> Path:
@@ -96,7 +104,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
         raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
     with atomic_dir(dst) as tmp:
         for component in MODEL_COMPONENTS:
-            convert_component(sources[component], tmp / component, component, dtype)
+            (tmp / component).mkdir()
+            _write_component(sources[component], tmp / component, component, dtype)
         for component in COPIED_COMPONENTS:
             shutil.copytree(sources[component], tmp / component)
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
@@ -120,6 +129,9 @@ class atomic_dir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # disk full, permissions: name the destination, not the temp folder
+                file = f" ({str(exc.filename).replace(str(self.tmp), str(self.dst))})" if exc.filename else ""
+                raise SDXSError(f"{self.dst}: not written: {exc.strerror or exc}{file}") from None
             return
         old = None
         if self.dst.exists():

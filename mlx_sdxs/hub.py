@@ -44,15 +44,22 @@ def _slug(model: str) -> str:
     return model.strip("/").replace("/", "--")
 
 
+def is_repo_id(model: str) -> bool:
+    """`owner/name` names a Hub repo; anything starting with '.', '/' or '~', or without a '/', is a path."""
+    return "/" in model and not model.startswith((".", "/", "~"))
+
+
 def download(repo_id: str, offline: bool | None = None) -> Path:
     """Fetch (or find in the Hugging Face cache) the files of a diffusers repo; returns the snapshot folder."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         folder = snapshot_download(
             repo_id, allow_patterns=_ALLOW, ignore_patterns=_IGNORE, local_files_only=bool(offline)
         )
+    except HFValidationError:
+        raise SDXSError(f"{repo_id!r}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as exc:
         raise SDXSError(
             f"model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}). "
@@ -77,7 +84,7 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
                 "(no model_index.json)"
             )
         source, name = path, path.resolve().name
-    elif "/" in model and not model.startswith((".", "/")):
+    elif is_repo_id(model):
         target = weights_root / f"{_slug(model)}{_vae_suffix(vae)}-{dtype}"
         if is_converted(target):
             return target

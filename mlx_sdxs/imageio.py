@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -25,14 +26,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageError(f"{path}: empty file")
+    header_size = _header_size(data[:65536].tobytes())
+    if header_size is not None:
+        _check_size(path, *header_size)  # before decoding: an oversized file never allocates its pixels
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageError(f"{path}: not a decodable image (PNG, JPEG, WebP, BMP, TIFF …)")
-    height, width = image.shape[:2]
-    if height * width > MAX_PIXELS:
-        raise ImageError(f"{path}: {width}×{height} exceeds the {MAX_PIXELS:,}-pixel limit (8192×8192)")
-    if min(height, width) < MIN_SIDE:
-        raise ImageError(f"{path}: {width}×{height} is too small (each side must be ≥ {MIN_SIDE} px)")
+    _check_size(path, image.shape[1], image.shape[0])
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -44,10 +44,36 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _check_size(path: Path, width: int, height: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise ImageError(f"{path}: {width}×{height} exceeds the {MAX_PIXELS:,}-pixel limit (8192×8192)")
+    if min(height, width) < MIN_SIDE:
+        raise ImageError(f"{path}: {width}×{height} is too small (each side must be ≥ {MIN_SIDE} px)")
+
+
+def _header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header without decoding; None for other formats or odd headers."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if head.startswith(b"\xff\xd8"):
+        offset = 2
+        while offset + 9 <= len(head) and head[offset] == 0xFF:
+            marker, length = head[offset + 1], struct.unpack(">H", head[offset + 2:offset + 4])[0]
+            # SOF0–SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", head[offset + 5:offset + 9])
+                return width, height
+            offset += 2 + length
+    return None
+
+
 def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     """Encode by extension and write via a temp file + rename, so a failure never leaves a partial file."""
     path = Path(path)
-    ok, encoded = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    try:
+        ok, encoded = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error:  # OpenCV raises, rather than returning False, for an extension it has no encoder for
+        ok = False
     if not ok:
         raise ImageError(f"{path}: cannot encode an image with extension {path.suffix!r}")
     atomic_write_bytes(path, encoded.tobytes())
@@ -55,14 +81,16 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise SDXSError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_sdxs.errors import ConfigError, WeightsError
+from mlx_sdxs.errors import ConfigError, SDXSError, WeightsError
 
 FORMAT_NAME = "mlx-sdxs"
 #: Bumped whenever the MLX layout of converted weights changes; older folders must be reconverted.
@@ -69,6 +69,15 @@ def read_config(component_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
+def build_model_from(component_dir: Path, component: str) -> nn.Module:
+    """`build_model` on a folder's config.json; a config error names that file."""
+    config = read_config(component_dir)
+    try:
+        return build_model(config, component)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(component_dir) / CONFIG_FILE}: {exc}") from None
+
+
 def build_model(config: dict[str, Any], component: str) -> nn.Module:
     """Instantiate the MLX module a checkpoint config describes. Parameters are lazy: nothing is computed."""
     from mlx_sdxs.models import autoencoder_kl, clip, taesd, unet
@@ -91,6 +100,10 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in tree_flatten(model.parameters())}
 
 
+def expected_dtypes(model: nn.Module) -> dict[str, mx.Dtype]:
+    return {key: value.dtype for key, value in tree_flatten(model.parameters())}
+
+
 def check_keys(
     found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
 ) -> None:
@@ -111,12 +124,24 @@ def check_keys(
         raise WeightsError(f"{where}: " + "; ".join(problems[:30]))
 
 
+def check_dtypes(found: dict[str, mx.Dtype], expected: dict[str, mx.Dtype], where: str) -> None:
+    """Refuse integer/bool tensors where the model has floating-point parameters (any float width is cast)."""
+    wrong = [f"key {key}: dtype {str(found[key]).removeprefix('mlx.core.')} but the model expects floating point"
+             for key in sorted(found.keys() & expected.keys())
+             if mx.issubdtype(expected[key], mx.floating) and not mx.issubdtype(found[key], mx.floating)]
+    if wrong:
+        raise WeightsError(f"{where}: " + "; ".join(wrong[:30]))
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Read a safetensors file with MLX (no torch; bf16 included), turning any decode failure into WeightsError."""
     if not path.is_file():
         raise WeightsError(f"{path}: missing")
     try:
         weights, metadata = mx.load(str(path), return_metadata=True)
+    except MemoryError:
+        raise SDXSError(f"{path}: out of memory while loading {path.stat().st_size / 2**30:.2f} GiB of weights "
+                        "(close other programs, or use a smaller --dtype such as float16)") from None
     except Exception as exc:  # MLX raises RuntimeError/ValueError with terse text for corrupt files
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
     return weights, metadata or {}
@@ -127,7 +152,7 @@ def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | 
     component_dir = Path(component_dir)
     if not component_dir.is_dir():
         raise WeightsError(f"{component_dir}: no such folder (expected a converted {component} folder)")
-    model = build_model(read_config(component_dir), component)
+    model = build_model_from(component_dir, component)
     path = component_dir / WEIGHTS_FILE
     weights, metadata = read_safetensors(path)
     version = metadata.get("format_version")
@@ -135,12 +160,13 @@ def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | 
         raise WeightsError(
             f"{path}: not converted by mlx-sdxs (run `mlx-sdxs convert` on the diffusers checkpoint)"
         )
-    if int(version) != FORMAT_VERSION:
+    if version != str(FORMAT_VERSION):
         raise WeightsError(
             f"{path}: converted with weights format {version}, this mlx-sdxs reads format {FORMAT_VERSION}; "
             "reconvert with `mlx-sdxs convert`"
         )
     check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(model), str(path))
+    check_dtypes({k: v.dtype for k, v in weights.items()}, expected_dtypes(model), str(path))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

@@ -167,7 +167,14 @@ class CameraSource:
                               "and allowed camera access?)")
 
     def _open(self):
-        capture = self._open_capture(self.index)
+        # OpenCV logs a dozen WARN/ERROR lines per backend it tries for a missing camera; the
+        # SourceError raised for it says the one thing that matters.
+        log_level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        try:
+            capture = self._open_capture(self.index)
+        finally:
+            cv2.utils.logging.setLogLevel(log_level)
         if not capture.isOpened():
             capture.release()
             return None

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.models.layers import Conv2d, GroupNorm, silu
 from mlx_sdxs.models.taesd import upsample_nearest
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm
@@ -69,8 +70,8 @@ class KLVAEConfig:
         return made
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=_EPS, pytorch_compatible=True)
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=_EPS)
 
 
 class ResnetBlock2D(nn.Module):
@@ -79,15 +80,15 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -132,7 +133,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
@@ -141,7 +142,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x, 2))
@@ -179,7 +180,7 @@ class Encoder(nn.Module):
     def __init__(self, config: KLVAEConfig):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = [
             DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
                                add_downsample=i != len(channels) - 1)
@@ -188,21 +189,21 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = group_norm(channels[-1], groups)
         # Mean and log-variance, stacked on channels.
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
     def __init__(self, config: KLVAEConfig):
         super().__init__()
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         # diffusers gives every up block one resnet more than layers_per_block.
         self.up_blocks = [
@@ -211,13 +212,13 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         ]
         self.conv_norm_out = group_norm(channels[-1], groups)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):
@@ -230,9 +231,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1)
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, kernel_size=1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1)
+            self.post_quant_conv = Conv2d(latent, latent, kernel_size=1)
 
     def encode(self, image: mx.array) -> mx.array:
         """NHWC image in [-1, 1] → the unscaled posterior mean (diffusers' `latent_dist.mean`)."""

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.models.layers import Conv2d
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class TinyBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        conv = lambda: nn.Conv2d(channels, channels, kernel_size=3, padding=1)  # noqa: E731
+        conv = lambda: Conv2d(channels, channels, kernel_size=3, padding=1)  # noqa: E731
         self.conv = [conv(), Placeholder(nn.relu), conv(), Placeholder(nn.relu), conv()]
         # diffusers' `skip` is a 1×1 conv only when channels change, which its encoder/decoder never do.
 
@@ -106,11 +107,11 @@ class EncoderTiny(nn.Module):
         layers: list[nn.Module] = []
         for i, num_blocks in enumerate(config.num_encoder_blocks):
             if i == 0:
-                layers.append(nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1))
+                layers.append(Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1))
             else:
-                layers.append(nn.Conv2d(channels[i], channels[i], kernel_size=3, stride=2, padding=1, bias=False))
+                layers.append(Conv2d(channels[i], channels[i], kernel_size=3, stride=2, padding=1, bias=False))
             layers.extend(TinyBlock(channels[i]) for _ in range(num_blocks))
-        layers.append(nn.Conv2d(channels[-1], config.latent_channels, kernel_size=3, padding=1))
+        layers.append(Conv2d(channels[-1], config.latent_channels, kernel_size=3, padding=1))
         self.layers = layers
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -125,7 +126,7 @@ class DecoderTiny(nn.Module):
         channels = config.decoder_block_out_channels
         factor = config.upsampling_scaling_factor
         layers: list[nn.Module] = [
-            nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1),
+            Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1),
             Placeholder(nn.relu),
         ]
         last = len(channels) - 1
@@ -134,7 +135,7 @@ class DecoderTiny(nn.Module):
             if i != last:
                 layers.append(Placeholder(lambda x: upsample_nearest(x, factor)))
             out = channels[i] if i != last else config.out_channels
-            layers.append(nn.Conv2d(channels[i], out, kernel_size=3, padding=1, bias=i == last))
+            layers.append(Conv2d(channels[i], out, kernel_size=3, padding=1, bias=i == last))
         self.layers = layers
 
     def __call__(self, x: mx.array) -> mx.array:
