@@ -168,7 +168,7 @@ def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | 
     check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(model), str(path))
     check_dtypes({k: v.dtype for k, v in weights.items()}, expected_dtypes(model), str(path))
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        weights = {k: v.astype(dtype) for k, v in weights.items()}  # all floating point: checked above
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
