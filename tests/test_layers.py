@@ -100,13 +100,13 @@ def test_winograd_cache_follows_reloaded_weights(tmp_path):
 
 def test_conv_parameters_mirror_nn_conv2d():
     ours, theirs = Conv2d(8, 16, 3, stride=2, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
-    shapes = lambda m: {k: v.shape for k, v in nn.utils.tree_flatten(m.parameters())}  # noqa: E731
+    shapes = lambda m: {k: v.shape for k, v in nn.utils.tree_flatten(m.parameters())}
     assert shapes(ours) == shapes(theirs)
     assert "bias" not in Conv2d(8, 16, 1, bias=False)
 
 
 def test_conv_defers_to_mx_conv2d_off_cpu(monkeypatch):
-    import mlx_sdxs.models.layers as layers
+    from mlx_sdxs.models import layers
 
     monkeypatch.setattr(layers, "on_cpu", lambda: False)
     conv = _conv(128, 128, 3, 1, 1, True, seed=4)

@@ -18,8 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d, GroupNorm, silu
-from mlx_sdxs.models.taesd import upsample_nearest
+from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, silu
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm
 
@@ -74,26 +73,6 @@ def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(groups, channels, eps=_EPS)
 
 
-class ResnetBlock2D(nn.Module):
-    """norm-silu-conv twice plus a (1×1-projected, if channels change) skip; no time embedding."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
 class Attention(nn.Module):
     """Single-head self-attention over all pixels, with group norm and a residual (the VAE mid block's)."""
 
@@ -118,7 +97,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)]
+        self.resnets = [ResnetBlock2D(channels, channels, groups, _EPS) for _ in range(2)]
         self.attentions = [Attention(channels, groups)] if add_attention else []
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -128,33 +107,13 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample2D(nn.Module):
-    """Stride-2 3×3 conv after padding right/bottom only (diffusers' `padding=0` variant)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(upsample_nearest(x, 2))
-
-
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, _EPS) for i in range(num_layers)
         ]
-        self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
+        self.downsamplers = [Downsample2D(out_channels, padding=0)] if add_downsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in (*self.resnets, *self.downsamplers):
@@ -166,7 +125,7 @@ class UpDecoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, _EPS) for i in range(num_layers)
         ]
         self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d
+from mlx_sdxs.models.layers import Conv2d, Placeholder, upsample_nearest
 
 
 @dataclass(frozen=True)
@@ -64,24 +64,6 @@ class TinyVAEConfig:
             if len(set(getattr(made, channels))) != 1:
                 raise ConfigError(f"vae {channels}: {list(getattr(made, channels))} must all be equal")
         return made
-
-
-def upsample_nearest(x: mx.array, factor: int) -> mx.array:
-    """Nearest-neighbour upsampling of NHWC `x` by an integer factor, as a broadcast (no gather)."""
-    b, h, w, c = x.shape
-    x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
-    return x.reshape(b, h * factor, w * factor, c)
-
-
-class Placeholder(nn.Module):
-    """A parameter-less slot in a layer list (diffusers' activation / upsample modules); applies `fn`."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self._fn = fn
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self._fn(x)
 
 
 class TinyBlock(nn.Module):
@@ -133,7 +115,7 @@ class DecoderTiny(nn.Module):
         for i, num_blocks in enumerate(config.num_decoder_blocks):
             layers.extend(TinyBlock(channels[i]) for _ in range(num_blocks))
             if i != last:
-                layers.append(Placeholder(lambda x: upsample_nearest(x, factor)))
+                layers.append(Placeholder(lambda x: upsample_nearest(x, (factor * x.shape[1], factor * x.shape[2]))))
             out = channels[i] if i != last else config.out_channels
             layers.append(Conv2d(channels[i], out, kernel_size=3, padding=1, bias=i == last))
         self.layers = layers

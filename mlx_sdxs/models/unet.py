@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.models.layers import (Conv2d, Downsample2D, GroupNorm, Placeholder, ResnetBlock2D, Upsample2D,
+                                     silu)
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -187,23 +189,9 @@ def _str_list(d: dict, field: str, default: list[str], allowed: tuple[str, ...])
 # ---------------------------------------------------------------------------------------------- layers
 
 
-class GroupNorm(nn.GroupNorm):
-    """PyTorch-semantics GroupNorm over NHWC; fp16 inputs are normalised in fp32 to keep their accuracy."""
-
-    def __init__(self, num_groups: int, dims: int, eps: float):
-        super().__init__(num_groups, dims, eps=eps, pytorch_compatible=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype == mx.float32:
-            return super().__call__(x)
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
-
-
-class Dropout(nn.Module):
-    """Holds the place of a diffusers Dropout in a module list, so list indices match the checkpoint."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return x
+def _resnet_args(config: "UNetConfig") -> tuple[int, float, int]:
+    """The UNet-wide arguments of every resnet: norm groups, norm eps, time-embedding width."""
+    return config.norm_num_groups, config.norm_eps, config.time_embedding_dim
 
 
 class Attention(nn.Module):
@@ -216,7 +204,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = [nn.Linear(inner, dim), Dropout()]
+        self.to_out = [nn.Linear(inner, dim), Placeholder()]
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         batch, length, _ = x.shape
@@ -266,7 +254,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.net = [GEGLU(dim, 4 * dim), Dropout(), nn.Linear(4 * dim, dim)]
+        self.net = [GEGLU(dim, 4 * dim), Placeholder(), nn.Linear(4 * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.net[2](self.net[0](x))
@@ -319,71 +307,13 @@ class Transformer2DModel(nn.Module):
         return self.proj_out(h).reshape(x.shape) + x
 
 
-class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, output_scale: float = 1.0):
-        super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
-        self.output_scale = output_scale
-        self.norm1 = GroupNorm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(config.time_embedding_dim, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Linear(in_channels, out_channels)  # a 1×1 conv in the checkpoint
-
-    def __call__(self, x: mx.array, temb_act: mx.array) -> mx.array:
-        """`temb_act` is silu(time embedding), computed once per forward for every resnet."""
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb_act)[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
-        skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        out = skip + h
-        return out if self.output_scale == 1.0 else out / self.output_scale
-
-
-class Downsample2D(nn.Module):
-    def __init__(self, channels: int, padding: int):
-        super().__init__()
-        self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.padding == 0:  # diffusers pads right/bottom only in this case
-            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
-        return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
-        return self.conv(_upsample_nearest(x, size))
-
-
-def _upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
-    """Nearest-neighbour resize to `size` (torch `interpolate(mode="nearest")`), a broadcast when exactly 2×."""
-    batch, height, width, channels = x.shape
-    if size == (2 * height, 2 * width):
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-        return x.reshape(batch, 2 * height, 2 * width, channels)
-    rows = (mx.arange(size[0]) * height) // size[0]
-    cols = (mx.arange(size[1]) * width) // size[1]
-    return x[:, rows][:, :, cols]
-
-
-# ---------------------------------------------------------------------------------------------- blocks
-
-
 class DownBlock(nn.Module):
     """DownBlock2D, or CrossAttnDownBlock2D when the level has attention."""
 
     def __init__(self, in_channels: int, level: LevelConfig, config: UNetConfig, add_downsample: bool):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else level.channels, level.channels, config)
+            ResnetBlock2D(in_channels if i == 0 else level.channels, level.channels, *_resnet_args(config))
             for i in range(level.num_layers)
         ]
         if level.has_attention:
@@ -412,7 +342,7 @@ class UpBlock(nn.Module):
     ):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D((prev_channels if i == 0 else level.channels) + skip, level.channels, config)
+            ResnetBlock2D((prev_channels if i == 0 else level.channels) + skip, level.channels, *_resnet_args(config))
             for i, skip in enumerate(skip_channels)
         ]
         if level.has_attention:
@@ -436,7 +366,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, level: LevelConfig, config: UNetConfig):
         super().__init__()
         c = level.channels
-        self.resnets = [ResnetBlock2D(c, c, config, config.mid_block_scale_factor) for _ in range(2)]
+        self.resnets = [ResnetBlock2D(c, c, *_resnet_args(config), config.mid_block_scale_factor) for _ in range(2)]
         # diffusers' mid block never takes only_cross_attention from the UNet config.
         self.attentions = [Transformer2DModel(replace(level, only_cross_attention=False), config)]
 
@@ -452,7 +382,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -471,7 +401,7 @@ class UNet2DConditionModel(nn.Module):
         self._frequencies = mx.exp(exponent)
         mx.eval(self._frequencies)  # a lazy graph would be bound to this thread's stream (camera loop: other thread)
 
-        self.conv_in = nn.Conv2d(config.in_channels, c0, config.conv_in_kernel, padding=config.conv_in_kernel // 2)
+        self.conv_in = Conv2d(config.in_channels, c0, config.conv_in_kernel, padding=config.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(c0, config.time_embedding_dim)
 
         n = len(config.down_levels)
@@ -493,7 +423,7 @@ class UNet2DConditionModel(nn.Module):
             prev = level.channels
 
         self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps)
-        self.conv_out = nn.Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
+        self.conv_out = Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
 
     def _timestep_features(self, timestep: float | mx.array, batch: int) -> mx.array:
         t = mx.broadcast_to(mx.array(timestep).astype(mx.float32).reshape(-1), (batch,))
@@ -513,7 +443,7 @@ class UNet2DConditionModel(nn.Module):
 
         # time embedding; every resnet applies silu to it first, so do that once here
         temb = self.time_embedding(self._timestep_features(timestep, sample.shape[0]).astype(dtype))
-        temb_act = nn.silu(temb)
+        temb_act = silu(temb)
 
         x = self.conv_in(sample)
         skips = [x]
@@ -531,4 +461,4 @@ class UNet2DConditionModel(nn.Module):
             size = tuple(skips[-1].shape[1:3]) if skips else None
             x = block(x, taken, temb_act, context, size)
 
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
