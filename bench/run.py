@@ -14,6 +14,7 @@ SDXS-512-0.9 shape: the timings of random and trained weights are the same.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -217,9 +218,12 @@ def measure_size(size: int, names: list[str], frames: list, source: Path, conver
                 start = time.perf_counter()
                 backend.process(frame)
                 results[name]["standalone_ms"].append((time.perf_counter() - start) * 1000)
+            print(f"bench: {name} @ {size}: {len(results[name]['frame_ms'])}/{args.frames} frames, "
+                  f"last {results[name]['frame_ms'][-1]:.0f} ms", flush=True)
     for name, backend in backends.items():
         if args.loop_frames:
-            stats = run_loop(ReplaySource(frames), backend, None, prompt=None, max_frames=args.loop_frames)
+            # Warm-up on the loop's own inference thread: MLX compiles per thread/stream on first use.
+            stats = run_loop(ReplaySource(frames), backend, None, prompt=None, warmup=True, max_frames=args.loop_frames)
             results[name]["loop"] = stats.as_dict()
         backend.close()
     flops = unet_flops(source, size)
@@ -269,10 +273,10 @@ def system_info(args: argparse.Namespace, frames_note: str) -> dict:
         "openblas_env_unset_for_bench": os.environ.get("MLX_SDXS_BENCH_UNSET_OPENBLAS", "") or "none were set",
         "frames": frames_note, "preset": args.preset if args.checkpoint is None else str(args.checkpoint),
     }
-    for module in ("torch", "onnxruntime", "coremltools"):
+    for package in ("torch", "diffusers", "onnxruntime", "coremltools"):
         try:
-            info[module] = __import__(module).__version__
-        except ImportError:
+            info[package] = importlib.metadata.version(package)  # no import: coremltools is noisy off macOS
+        except importlib.metadata.PackageNotFoundError:
             pass
     try:
         from threadpoolctl import threadpool_info
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         print(f"bench: render size {size}…", flush=True)
         report["sizes"][str(size)] = measure_size(size, names, frames, source, converted, args)
+        print(markdown(report), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2, default=float))

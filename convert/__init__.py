@@ -8,14 +8,17 @@ backends encode each prompt once with the source checkpoint's CLIP (see the mani
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mlx_sdxs.backends.numpy_recipe import (DECODER_INPUT, DECODER_OUTPUT, ENCODER_INPUT, ENCODER_OUTPUT,
                                             UNET_INPUTS, UNET_OUTPUT, ExportManifest)
 from mlx_sdxs.backends.torch_backend import UNetEpsilon, VAEDecoder, VAEEncoder, load_unet, load_vae
+from mlx_sdxs.convert import atomic_dir
 from mlx_sdxs.errors import ConfigError
 
 RENDER_SIZES = tuple(range(256, 1025, 64))
@@ -74,3 +77,28 @@ def make_manifest(format: str, checkpoint_dir: str | Path, render_size: int, pre
         inputs={c: shapes(g.inputs) for c, g in graphs.items()},
         outputs=outputs,
     )
+
+
+def export_graphs(checkpoint_dir: str | Path, out_dir: str | Path, render_size: int, export_format: str,
+                  precision: str, suffix: str, save: Callable[[Graph, Path], None]) -> Path:
+    """Build the three graphs, `save` each as `<component><suffix>`, write the manifest; `out_dir` is
+    replaced only once everything succeeded."""
+    check_render_size(render_size)
+    out_dir = Path(out_dir)
+    graphs = build_graphs(checkpoint_dir, render_size)
+    with atomic_dir(out_dir) as staging:
+        files = {}
+        for component, graph in graphs.items():
+            files[component] = f"{component}{suffix}"
+            save(graph, staging / files[component])
+        make_manifest(export_format, checkpoint_dir, render_size, precision, graphs, files).save(staging)
+    return out_dir
+
+
+def export_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every export command takes: checkpoint, output folder, render size."""
+    parser = argparse.ArgumentParser(prog=f"python -m convert.{module}", description=doc.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
+    parser.add_argument("out", type=Path, help="output folder (replaced if it exists)")
+    parser.add_argument("--render-size", type=int, default=512, help="square render size in pixels (default 512)")
+    return parser

@@ -15,14 +15,12 @@ graphs keeps them alike. Conversion works on any OS; prediction needs macOS.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import torch
 
-from convert import Graph, build_graphs, check_render_size, make_manifest
-from mlx_sdxs.convert import atomic_dir
+from convert import Graph, export_graphs, export_parser
 from mlx_sdxs.errors import SDXSError
 
 PRECISIONS = ("float16", "float32")
@@ -55,27 +53,16 @@ def convert_graph(graph: Graph, precision: str, minimum_deployment_target: str):
 def export_coreml(checkpoint_dir: str | Path, out_dir: str | Path, render_size: int = 512,
                   precision: str = "float16", minimum_deployment_target: str = "macOS14") -> Path:
     """Export the three graphs as `.mlpackage`s; `out_dir` is replaced only once all three succeeded."""
-    check_render_size(render_size)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if minimum_deployment_target not in DEPLOYMENT_TARGETS:
         raise ValueError(f"minimum_deployment_target must be one of {', '.join(DEPLOYMENT_TARGETS)}")
-    out_dir = Path(out_dir)
-    graphs = build_graphs(checkpoint_dir, render_size)
-    with atomic_dir(out_dir) as staging:
-        files = {}
-        for component, graph in graphs.items():
-            files[component] = f"{component}.mlpackage"
-            convert_graph(graph, precision, minimum_deployment_target).save(str(staging / files[component]))
-        make_manifest("coreml", checkpoint_dir, render_size, precision, graphs, files).save(staging)
-    return out_dir
+    return export_graphs(checkpoint_dir, out_dir, render_size, "coreml", precision, ".mlpackage",
+                         lambda graph, path: convert_graph(graph, precision, minimum_deployment_target).save(str(path)))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.coreml", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
-    parser.add_argument("out", type=Path, help="output folder (replaced if it exists)")
-    parser.add_argument("--render-size", type=int, default=512, help="square render size in pixels (default 512)")
+    parser = export_parser("coreml", __doc__)
     parser.add_argument("--precision", choices=PRECISIONS, default="float16",
                         help="compute precision (default float16)")
     parser.add_argument("--minimum-deployment-target", choices=DEPLOYMENT_TARGETS, default="macOS14")

@@ -53,6 +53,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--offline", action="store_true", help="never contact the Hub; use the cache and local folders only")
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None:
+    parser.add_argument("--prompt", required=True, help="text prompt (CLIP reads 75 tokens; longer ones are "
+                        "truncated with a notice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument("--size", type=_size, default=512, help="output side in pixels, multiple of 64 (default 512)")
+    parser.add_argument("--output", "-o", type=Path, default=default_output,
+                        help=f"PNG/JPEG/WebP file, written atomically (default {default_output})")
+    add_model_arguments(parser)
+
+
 def load_pipeline(args: argparse.Namespace, fallback_to_random: bool = False):
     """Build the pipeline the model flags describe; optionally fall back to random weights when offline."""
     import mlx.core as mx
@@ -196,23 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="one-step text-to-image")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=_size, default=512, help="output side in pixels, multiple of 64 (default 512)")
-    p.add_argument("--output", "-o", type=Path, default=Path("sdxs.png"))
-    add_model_arguments(p)
+    add_generation_arguments(p, Path("sdxs.png"))
     p.set_defaults(run=cmd_txt2img)
 
     p = sub.add_parser("img2img", help="one-step image-to-image (centre crop to a square)")
     p.add_argument("input", type=Path, help="input image (PNG/JPEG/…; grayscale, RGBA and 16-bit are converted)")
-    p.add_argument("--prompt", required=True)
     p.add_argument("--strength", type=_ranged(float, 0.02, 1.0, "--strength"), default=None,
                    help="noise strength in [0.02, 1]; unset = the model's one step (SDXS: t=999). "
                         "SDXS degrades below 1: use stabilityai/sd-turbo for strength img2img")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=_size, default=512, help="output side in pixels, multiple of 64 (default 512)")
-    p.add_argument("--output", "-o", type=Path, default=Path("sdxs-img2img.png"))
-    add_model_arguments(p)
+    add_generation_arguments(p, Path("sdxs-img2img.png"))
     p.set_defaults(run=cmd_img2img)
 
     p = sub.add_parser("camera", help="live camera img2img (3 threads: capture → inference → display)")
