@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def _torch_threads():
         return
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_raises():
+    """Ctrl-C tests send SIGINT to the main thread; a shell that starts the suite in the background hands
+    it SIGINT *ignored*, and Python then never raises KeyboardInterrupt. Make it raise, as in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

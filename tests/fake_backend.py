@@ -7,6 +7,7 @@ test can trace every displayed image to the frame it came from.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Callable
@@ -125,3 +126,16 @@ class FakeBackend:
 
     def close(self) -> None:
         self.closed = True
+
+
+def ctrl_c_after_frames(frames_dir, count: int = 3):
+    """An `on_frame` hook that presses Ctrl-C (SIGINT to the main thread) once, after `count` frames were
+    written to `frames_dir`, so a recording has something in it when the interrupt lands."""
+    sent = []
+
+    def interrupt(call: int) -> None:
+        if not sent and len(list(frames_dir.glob("*.png"))) >= count:
+            sent.append(call)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    return interrupt

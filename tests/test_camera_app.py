@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 import time
 
 import pytest
-from fake_backend import CountingSource, FakeBackend, count_video_frames, no_leaked_threads  # noqa: F401
+from fake_backend import CountingSource, FakeBackend, count_video_frames, ctrl_c_after_frames, no_leaked_threads  # noqa: F401
 
 from mlx_sdxs.camera.app import add_camera_arguments, run_camera
 from mlx_sdxs.camera.display import DisplayStage, VideoRecorder
@@ -77,15 +75,7 @@ def test_backend_failure_stops_within_two_seconds_with_the_error(tmp_path, capsy
 @pytest.mark.timeout(30)
 def test_ctrl_c_finalises_the_video(tmp_path, capsys):
     frames = tmp_path / "frames"
-    sent = []
-
-    def interrupt(call: int) -> None:
-        # Ctrl-C (SIGINT to the main thread) once a few frames were shown, so the video has something in it.
-        if not sent and len(list(frames.glob("*.png"))) >= 3:
-            sent.append(call)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    backend = FakeBackend(render_size=128, cost_s=0.005, on_frame=interrupt)
+    backend = FakeBackend(render_size=128, cost_s=0.005, on_frame=ctrl_c_after_frames(frames))
     record = tmp_path / "interrupted.mp4"
     status = run_camera(parse(*HEADLESS, "--record", str(record), "--frames-dir", str(frames),
                               "--similarity-threshold", "0"), lambda args: backend)

@@ -16,9 +16,7 @@ import io
 import json
 import pickle
 import shutil
-import signal
 import struct
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ import cv2
 import mlx.core as mx
 import numpy as np
 import pytest
-from fake_backend import FakeBackend, count_video_frames, no_leaked_threads  # noqa: F401 (autouse fixture)
+from fake_backend import FakeBackend, count_video_frames, ctrl_c_after_frames, no_leaked_threads  # noqa: F401 (autouse fixture)
 from test_camera_sources import CaptureFactory, FakeCapture
 
 from mlx_sdxs import convert as C
@@ -438,15 +436,7 @@ def _recording_finalised(env: Env, status: int) -> None:
 
 
 def _interrupting_backend(env: Env) -> FakeBackend:
-    frames, sent = env.tmp / "frames", []
-
-    def interrupt(call: int) -> None:
-        # Ctrl-C (SIGINT to the main thread) once some frames were shown, so the video has content.
-        if not sent and len(list(frames.glob("*.png"))) >= 3:
-            sent.append(call)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    env.backend = FakeBackend(render_size=128, cost_s=0.005, on_frame=interrupt)
+    env.backend = FakeBackend(render_size=128, cost_s=0.005, on_frame=ctrl_c_after_frames(env.tmp / "frames"))
     return env.backend
 
 
