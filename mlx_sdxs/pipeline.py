@@ -19,6 +19,7 @@ import numpy as np
 from mlx_sdxs import hub
 from mlx_sdxs.backends.base import LATENT_SCALE, RecipeSettings, center_crop_resize, fixed_noise
 from mlx_sdxs.errors import ConfigError, ImageError
+from mlx_sdxs.models.layers import reserve_cpu_buffer_cache
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, load_tokenizer
 from mlx_sdxs.weights import build_model, load_text_encoder, load_unet, load_vae
@@ -56,6 +57,7 @@ class SDXSPipeline:
         # The UNet halves the latent once per level below the first: sizes must divide by this.
         self.size_multiple = LATENT_SCALE * 2 ** (len(unet.config.block_out_channels) - 1)
         self._prompts: OrderedDict[str, mx.array] = OrderedDict()
+        reserve_cpu_buffer_cache()
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from oracle import FP32_RTOL, assert_parity, mlx_to_nchw
 
-from mlx_sdxs.models.layers import Conv2d, GroupNorm, silu
+from mlx_sdxs.models.layers import Conv2d, GroupNorm, attention, silu
 
 FP16_RTOL = 1e-2
 
@@ -133,6 +133,9 @@ def test_group_norm_matches_torch(shape, groups, dtype):
     mx_norm.update(norm.parameters())
     assert_parity(np.array(y.astype(mx.float32)), np.array(mx_norm(x.astype(mx.float32))),
                   FP32_RTOL if dtype == mx.float32 else FP16_RTOL)
+    fused = norm(x, with_silu=True)  # one pass on CPU
+    assert fused.dtype == dtype
+    assert_parity(mlx_to_nchw(fused), F.silu(expected).numpy(), FP32_RTOL if dtype == mx.float32 else FP16_RTOL)
 
 
 def test_silu_matches_torch_over_the_float_range():
@@ -143,3 +146,16 @@ def test_silu_matches_torch_over_the_float_range():
     assert np.abs(actual - expected).max() <= 1e-6 * np.maximum(np.abs(expected), 1).max()
     np.testing.assert_allclose(actual[:20001], expected[:20001], rtol=1e-6, atol=1e-30)
     assert silu(x.astype(mx.float16)).dtype == mx.float16
+
+
+@pytest.mark.parametrize("heads,tokens,keys,head_dim", [(10, 257, 257, 64), (5, 300, 77, 64), (1, 64, 64, 512)])
+def test_attention_matches_torch(heads, tokens, keys, head_dim):
+    """The CPU path (matmuls around a polynomial-exp softmax, normalised after the value product) against
+    float64 torch, with logits large enough that the max-shift matters."""
+    mx.random.seed(heads)
+    q = mx.random.normal((2, heads, tokens, head_dim)) * 4
+    k, v = mx.random.normal((2, heads, keys, head_dim)) * 4, mx.random.normal((2, heads, keys, head_dim))
+    scale = head_dim**-0.5
+    expected = F.scaled_dot_product_attention(*(torch.from_numpy(np.array(t)).double() for t in (q, k, v)),
+                                              scale=scale).numpy()
+    assert_parity(np.array(attention(q, k, v, scale)), expected, FP32_RTOL)

@@ -135,13 +135,15 @@ def test_fp16_weights(tmp_path):
     print(f"fp16 relative error {err:.2e}")
 
 
-def test_fast_gelu_matches_erf_gelu():
-    """The UNet's GELU uses a rational erf approximation (faster on CPU); bound its error."""
-    from mlx_sdxs.models.unet import _gelu
+def test_fast_geglu_matches_erf_gelu():
+    """The UNet's GEGLU uses a rational erf approximation (faster on CPU); bound its error."""
+    from mlx_sdxs.models.unet import _geglu
 
     grid = torch.linspace(-10, 10, 20001)
-    expected = torch.nn.functional.gelu(grid.double()).numpy()
-    assert np.abs(np.array(_gelu(mx.array(grid.numpy()))) - expected).max() < 2e-6
+    value = torch.linspace(-3, 3, 20001)
+    expected = (value.double() * torch.nn.functional.gelu(grid.double())).numpy()
+    actual = np.array(_geglu(mx.array(value.numpy()), mx.array(grid.numpy())))
+    assert np.abs(actual - expected).max() < 6e-6
 
 
 def test_parameter_names_mirror_diffusers():

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, silu
+from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm
 
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        out = attention(q, k, v, c**-0.5)
         return x + self.to_out[0](out).reshape(b, h, w, c)
 
 
@@ -102,8 +102,8 @@ class MidBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.resnets[0](x)
-        for attention in self.attentions:
-            x = attention(x)
+        for block in self.attentions:
+            x = block(x)
         return self.resnets[1](x)
 
 
@@ -155,7 +155,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, with_silu=True))
 
 
 class Decoder(nn.Module):
@@ -177,7 +177,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, with_silu=True))
 
 
 class AutoencoderKL(nn.Module):

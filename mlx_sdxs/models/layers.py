@@ -21,6 +21,7 @@ SDXS UNet's convs 1.4–2.6× faster than `mx.conv2d`.
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,6 +65,24 @@ _WINOGRAD = {
 def on_cpu() -> bool:
     """True when new arrays are computed on the CPU (the only place the rewrites pay off)."""
     return mx.default_device().type == mx.DeviceType.cpu
+
+
+# MLX's CPU allocator keeps 32 MiB of freed buffers by default. Above that every large intermediate (a
+# 512² × 64-channel TAESD activation is 64 MiB) is a fresh mmap, and its page faults cost as much as the
+# convolution that fills it: TAESD decode at 512² measured 3.1 s with the default, 1.2 s with this.
+_CPU_BUFFER_CACHE_BYTES = 4 << 30
+
+
+def reserve_cpu_buffer_cache() -> None:
+    """Let MLX's CPU allocator reuse freed buffers (up to 4 GiB, at most a quarter of the RAM).
+    Only raises the limit, and only when computing on the CPU."""
+    if not on_cpu():
+        return
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = min(_CPU_BUFFER_CACHE_BYTES, ram // 4)
+    previous = mx.set_cache_limit(limit)
+    if previous > limit:
+        mx.set_cache_limit(previous)
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -247,11 +266,44 @@ def _exp_polynomial(x: mx.array) -> mx.array:
     return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
 
 
-def silu(x: mx.array) -> mx.array:
-    """x·sigmoid(x); on CPU float32 via the polynomial exp (≤ 2e-7 relative error), 2–3× faster than `nn.silu`."""
-    if not on_cpu() or x.dtype != mx.float32:
-        return nn.silu(x)
+@mx.compile
+def _silu_fused(x: mx.array) -> mx.array:
     return x / (1 + _exp_polynomial(-x))
+
+
+@mx.compile
+def _scale_shift_silu(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    return _silu_fused(x * scale + shift)
+
+
+def fused_on_cpu(x: mx.array) -> bool:
+    """True where the compiled polynomial-exp kernels apply: float32 on the CPU. (`mx.compile` fuses each
+    into one pass; it needs a C++ compiler at run time and MLX runs them uncompiled without one.)"""
+    return on_cpu() and x.dtype == mx.float32
+
+
+def silu(x: mx.array) -> mx.array:
+    """x·sigmoid(x); on CPU float32 one fused pass with the polynomial exp (≤ 2e-7 relative error),
+    ~4× faster than `nn.silu`."""
+    return _silu_fused(x) if fused_on_cpu(x) else nn.silu(x)
+
+
+@mx.compile
+def _softmax_numerator(scores: mx.array) -> mx.array:
+    return _exp_polynomial(scores - scores.max(-1, keepdims=True))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q·kᵀ·scale)·v over (B, heads, tokens, head_dim) arrays, without a mask.
+
+    On CPU float32: two BLAS matmuls around one fused exp pass, and the softmax division applied to
+    the (tokens, head_dim) result instead of the (tokens, tokens) weights. `mx.fast`'s CPU fallback
+    runs a scalar exp: SDXS's 1024-token self-attention (10 heads) takes 75 ms this way, 145 ms there.
+    """
+    if not fused_on_cpu(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    weights = _softmax_numerator((q * scale) @ k.swapaxes(-1, -2))
+    return (weights @ v) / weights.sum(-1, keepdims=True)
 
 
 class GroupNorm(nn.Module):
@@ -269,7 +321,8 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((dims,))
         self.bias = mx.zeros((dims,))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, with_silu: bool = False) -> mx.array:
+        """Normalise; `with_silu` also applies silu, in the same pass on CPU."""
         dtype = x.dtype
         batch, channels = x.shape[0], x.shape[-1]
         per_group = channels // self.num_groups
@@ -285,7 +338,10 @@ class GroupNorm(nn.Module):
         var = group_mean(mx.square(flat - mean).sum(1))
         scale = mx.rsqrt(var + self.eps) * self.weight.astype(mx.float32)
         shift = self.bias.astype(mx.float32) - mean * scale
-        return (flat * scale + shift).reshape(x.shape).astype(dtype)
+        if with_silu and on_cpu():
+            return _scale_shift_silu(flat, scale, shift).reshape(x.shape).astype(dtype)
+        y = (flat * scale + shift).reshape(x.shape).astype(dtype)
+        return silu(y) if with_silu else y
 
 
 # ------------------------------------------------------------------ building blocks shared by the models
@@ -335,10 +391,10 @@ class ResnetBlock2D(nn.Module):
 
     def __call__(self, x: mx.array, temb_act: mx.array | None = None) -> mx.array:
         """`temb_act` is silu(time embedding), computed once per UNet forward for every resnet."""
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, with_silu=True))
         if temb_act is not None:
             h = h + self.time_emb_proj(temb_act)[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, with_silu=True))
         skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
         out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
