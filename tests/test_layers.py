@@ -8,6 +8,8 @@ input channels); fp16 ≤ 1e-2. Runtime ~10 s on 2 cores.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from oracle import FP32_RTOL, assert_parity, mlx_to_nchw
 
-from mlx_sdxs.models.layers import Conv2d, GroupNorm, attention, silu
+from mlx_sdxs.models.layers import Conv2d, GroupNorm, attention, reserve_cpu_buffer_cache, silu
 
 FP16_RTOL = 1e-2
 
@@ -159,3 +161,17 @@ def test_attention_matches_torch(heads, tokens, keys, head_dim):
     expected = F.scaled_dot_product_attention(*(torch.from_numpy(np.array(t)).double() for t in (q, k, v)),
                                               scale=scale).numpy()
     assert_parity(np.array(attention(q, k, v, scale)), expected, FP32_RTOL)
+
+
+def test_cpu_buffer_cache_is_raised_never_lowered():
+    """MLX keeps only 32 MiB of freed CPU buffers by default; the pipeline raises that (page faults on
+    every 64 MiB activation otherwise) but must not shrink a limit the user set higher."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    original = mx.set_cache_limit(32 << 20)
+    try:
+        reserve_cpu_buffer_cache()
+        assert mx.set_cache_limit(64 << 30) == min(4 << 30, ram // 4)
+        reserve_cpu_buffer_cache()
+        assert mx.set_cache_limit(original) == 64 << 30
+    finally:
+        mx.set_cache_limit(original)
