@@ -16,6 +16,10 @@ scalar code (~15 ns an element). These layers keep the `nn.Conv2d`/`nn.GroupNorm
 On the GPU (and for what the fast paths do not cover: dilation, groups, tiny channel counts)
 they call `mx.conv2d`. Measured on a 2-core AVX-512 EPYC: TAESD's 64-channel convs 2–2.5×, the
 SDXS UNet's convs 1.4–2.6× faster than `mx.conv2d`.
+
+The elementwise side gets the same treatment: SiLU (alone and fused after GroupNorm's scale and
+shift) and attention's softmax use a polynomial `exp` inside `mx.compile`d functions, one pass each;
+`reserve_cpu_buffer_cache` lets MLX reuse large buffers instead of page-faulting fresh ones.
 """
 
 from __future__ import annotations

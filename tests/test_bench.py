@@ -1,0 +1,65 @@
+"""`bench/run.py` end to end on the tiny preset: the report it writes, and its reference-backend choice.
+
+Speed is not asserted here (the bench measures it side by side); this checks that a run produces
+complete, consistent numbers. Runtime ~15 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path: Path, backends: str) -> dict:
+    env = {**os.environ, "MLX_SDXS_WEIGHTS": str(tmp_path / "weights")}
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench.run", "--backends", backends, "--sizes", "64", "--preset", "tiny",
+               "--frames", "2", "--warmup", "1", "--loop-frames", "2", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = out.glob("bench-*.json")
+    assert report.with_suffix(".md").is_file() and report.with_suffix(".png").is_file()
+    return json.loads(report.read_text())
+
+
+def test_bench_reports_every_stage_and_the_loop(tmp_path):
+    report = _bench(tmp_path, "mlx,torch")
+    results = report["sizes"]["64"]
+    assert set(results) == {"mlx", "torch"}
+    for name, entry in results.items():
+        stages = entry["stages_ms"]
+        assert set(stages) == {"preprocess", "encode", "unet", "decode", "postprocess"}
+        for stage in stages.values():
+            assert 0 < stage["min"] <= stage["median"] <= stage["p90"]
+        total = sum(stages[s]["median"] for s in ("encode", "unet", "decode"))
+        assert entry["encode_unet_decode_ms"] == pytest.approx(total)
+        assert 0 < entry["encode_unet_decode_best_ms"] <= total * 1.5
+        assert entry["loop"]["inferred"] >= 2 and entry["loop_fps"] > 0
+        assert entry["unet_gflop"] > 0
+    assert results["mlx"]["time_vs_mlx"] == 1.0
+    assert report["system"]["mlx_blas"]
+
+
+def test_bench_without_mlx_compares_against_the_first_backend_that_ran(tmp_path):
+    results = _bench(tmp_path, "onnx,torch")["sizes"]["64"]
+    assert "skipped" in results["onnx"]  # ONNX export refuses a 64-pixel render size, with the reason
+    assert results["torch"]["time_vs_mlx"] == 1.0
+
+
+def test_bench_refuses_an_images_folder_without_images(tmp_path):
+    env = {**os.environ, "MLX_SDXS_WEIGHTS": str(tmp_path / "weights")}
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--images", str(tmp_path), "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"--images {tmp_path}: no readable .png/.jpg images" in done.stderr
+    assert "Traceback" not in done.stderr
