@@ -173,14 +173,21 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import platform
+    import shutil
 
     import mlx.core as mx
 
     from mlx_sdxs import __version__, _blas
+    from mlx_sdxs.pipeline import default_dtype, dtype_name
 
     print(f"mlx-sdxs {__version__} · MLX {mx.__version__} · Python {platform.python_version()} · {platform.platform()}")
-    print(f"device: {mx.default_device()}  (default dtype {'float16' if mx.default_device() == mx.gpu else 'float32'})")
+    print(f"device: {mx.default_device()}  (default dtype {dtype_name(default_dtype())})")
     print(f"BLAS:   {_blas.status()}")
+    if mx.default_device() == mx.cpu:
+        # mx.compile builds its fused CPU kernels with the system g++ (SiLU, GroupNorm+SiLU, softmax).
+        compiler = shutil.which("g++")
+        print("fused CPU kernels: " + (f"compiled with {compiler}" if compiler else
+                                       "uncompiled (no g++ on PATH; installing it makes SiLU/attention ~2x faster)"))
     root = args.weights_dir or hub.default_weights_root()
     models = hub.cached_models(root)
     print(f"converted models in {root}: " + ("none" if not models else ""))

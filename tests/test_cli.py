@@ -71,6 +71,7 @@ def test_info_names_device_and_blas():
     result = run_cli("info")
     assert result.returncode == 0, result.stderr
     assert "BLAS:" in result.stdout and "device:" in result.stdout
+    assert "fused CPU kernels: compiled with" in result.stdout or "fused CPU kernels: uncompiled" in result.stdout
 
 
 @pytest.mark.parametrize(
