@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# The stages the models run; "enc+UNet+dec" sums them (pre/postprocessing is reported apart).
+MODEL_STAGES = ("encode", "unet", "decode")
 
 
 def _reexec_without_openblas_overrides() -> None:
@@ -238,13 +240,13 @@ def measure_size(size: int, names: list[str], frames: list, source: Path, conver
         stages = {s: {"median": percentile(v, 50), "p90": percentile(v, 90), "min": min(v, default=float("nan"))}
                   for s, v in result["stages_ms"].items()}
         # Per-frame enc+UNet+dec: its minimum is the machine's quiet-time figure (shared hosts have slow spells).
-        model_ms = [sum(t) for t in zip(*(result["stages_ms"][s] for s in ("encode", "unet", "decode")))]
+        model_ms = [sum(t) for t in zip(*(result["stages_ms"][s] for s in MODEL_STAGES))]
         standalone_fps = 1000.0 / percentile(result["standalone_ms"], 50)
         entry = {
             "stages_ms": stages,
             "frame_ms_median": percentile(result["frame_ms"], 50),
             "frame_ms_p90": percentile(result["frame_ms"], 90),
-            "encode_unet_decode_ms": sum(stages[s]["median"] for s in ("encode", "unet", "decode")),
+            "encode_unet_decode_ms": sum(stages[s]["median"] for s in MODEL_STAGES),
             "encode_unet_decode_best_ms": min(model_ms, default=float("nan")),
             "standalone_fps": standalone_fps,
             "load_rss_mb": result["load_rss_mb"],

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from mlx_sdxs import hub
-from mlx_sdxs.errors import SDXSError, WeightsError
+from mlx_sdxs.errors import SDXSError
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
@@ -152,11 +152,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from mlx_sdxs.convert import convert_checkpoint
 
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    source = Path(args.source).expanduser()
-    if not source.exists():
-        if not hub.is_repo_id(args.source):
-            raise WeightsError(f"{source}: no such folder (and not a Hub repo id like {hub.DEFAULT_MODEL!r})")
-        source = hub.download(args.source, args.offline or None)
+    source = hub.checkpoint_folder(args.source, args.offline or None)
     dst = args.output or (args.weights_dir or hub.default_weights_root()) / f"{source.resolve().name}-{dtype}"
     start = time.perf_counter()
     convert_checkpoint(source, dst, dtype=dtype)

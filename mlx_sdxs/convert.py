@@ -77,8 +77,7 @@ def _write_component(src: Path, out: Path, component: str, dtype: str) -> None:
             if mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(DTYPES[dtype])
             converted[new_key], origin[new_key] = value, key
-    W.check_keys({k: tuple(v.shape) for k, v in converted.items()}, expected, str(src))
-    W.check_dtypes({k: v.dtype for k, v in converted.items()}, W.expected_dtypes(model), str(src))
+    W.check_tensors(converted, model, str(src))
 
     metadata = {"format": W.FORMAT_NAME, "format_version": str(W.FORMAT_VERSION), "dtype": dtype}
     try:

@@ -49,6 +49,20 @@ def is_repo_id(model: str) -> bool:
     return "/" in model and not model.startswith((".", "/", "~"))
 
 
+def _not_a_model(model: str) -> WeightsError:
+    return WeightsError(f"{model}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}")
+
+
+def checkpoint_folder(model: str, offline: bool | None = None) -> Path:
+    """A diffusers checkpoint given as a local folder, or as a Hub repo id (downloaded, or found in the cache)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not is_repo_id(model):
+        raise _not_a_model(model)
+    return download(model, offline)
+
+
 def download(repo_id: str, offline: bool | None = None) -> Path:
     """Fetch (or find in the Hugging Face cache) the files of a diffusers repo; returns the snapshot folder."""
     from huggingface_hub import snapshot_download
@@ -59,7 +73,7 @@ def download(repo_id: str, offline: bool | None = None) -> Path:
             repo_id, allow_patterns=_ALLOW, ignore_patterns=_IGNORE, local_files_only=bool(offline)
         )
     except HFValidationError:
-        raise SDXSError(f"{repo_id!r}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}") from None
+        raise _not_a_model(repr(repo_id)) from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as exc:
         raise SDXSError(
             f"model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}). "
@@ -90,7 +104,7 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
             return target
         source, name = download(model, offline), _slug(model)
     else:
-        raise WeightsError(f"--model {model!r}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}")
+        raise _not_a_model(f"--model {model!r}")
 
     target = weights_root / f"{name}{_vae_suffix(vae)}-{dtype}"
     if is_converted(target) and _manifest(target).get("source") == str(source):
@@ -102,9 +116,7 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
 
 def _vae_folder(vae: str, offline: bool | None) -> Path:
     """A VAE given as a local folder or a Hub repo (TAESD's repo keeps the VAE at its root)."""
-    source = Path(vae).expanduser()
-    if not source.exists():
-        source = download(vae, offline)
+    source = checkpoint_folder(vae, offline)
     return source / "vae" if (source / "vae").is_dir() else source
 
 

@@ -133,6 +133,12 @@ def check_dtypes(found: dict[str, mx.Dtype], expected: dict[str, mx.Dtype], wher
         raise WeightsError(f"{where}: " + "; ".join(wrong[:30]))
 
 
+def check_tensors(tensors: dict[str, mx.array], model: nn.Module, where: str) -> None:
+    """Every parameter of `model` present once, with its shape and a floating-point dtype; else one WeightsError."""
+    check_keys({k: tuple(v.shape) for k, v in tensors.items()}, expected_shapes(model), where)
+    check_dtypes({k: v.dtype for k, v in tensors.items()}, expected_dtypes(model), where)
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Read a safetensors file with MLX (no torch; bf16 included), turning any decode failure into WeightsError."""
     if not path.is_file():
@@ -165,8 +171,7 @@ def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | 
             f"{path}: converted with weights format {version}, this mlx-sdxs reads format {FORMAT_VERSION}; "
             "reconvert with `mlx-sdxs convert`"
         )
-    check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(model), str(path))
-    check_dtypes({k: v.dtype for k, v in weights.items()}, expected_dtypes(model), str(path))
+    check_tensors(weights, model, str(path))
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}  # all floating point: checked above
     model.load_weights(list(weights.items()), strict=True)

@@ -125,19 +125,19 @@ def test_group_norm_matches_torch(shape, groups, dtype):
     norm.weight = 1 + 0.1 * mx.random.normal((channels,))
     norm.bias = 0.05 * mx.random.normal((channels,))
     x = (mx.random.normal(shape) * 3 + 5).astype(dtype)  # offset mean: catches one-pass variance
+    rtol = FP32_RTOL if dtype == mx.float32 else FP16_RTOL
     y = norm(x)
     assert y.dtype == dtype
     expected = F.group_norm(torch.from_numpy(mlx_to_nchw(x)).double(), groups,
                             torch.from_numpy(np.array(norm.weight)).double(),
                             torch.from_numpy(np.array(norm.bias)).double(), eps=1e-6)
-    assert_parity(mlx_to_nchw(y), expected.numpy(), FP32_RTOL if dtype == mx.float32 else FP16_RTOL)
+    assert_parity(mlx_to_nchw(y), expected.numpy(), rtol)
     mx_norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
     mx_norm.update(norm.parameters())
-    assert_parity(np.array(y.astype(mx.float32)), np.array(mx_norm(x.astype(mx.float32))),
-                  FP32_RTOL if dtype == mx.float32 else FP16_RTOL)
+    assert_parity(np.array(y.astype(mx.float32)), np.array(mx_norm(x.astype(mx.float32))), rtol)
     fused = norm(x, with_silu=True)  # one pass on CPU
     assert fused.dtype == dtype
-    assert_parity(mlx_to_nchw(fused), F.silu(expected).numpy(), FP32_RTOL if dtype == mx.float32 else FP16_RTOL)
+    assert_parity(mlx_to_nchw(fused), F.silu(expected).numpy(), rtol)
 
 
 def test_silu_matches_torch_over_the_float_range():

@@ -260,9 +260,11 @@ def _wait_for_thread_local_teardown(thread: threading.Thread, timeout: float) ->
     aborts ("terminate called without an active exception", seen in 1 of 10 camera runs). Linux
     shows the thread in /proc until it is gone; elsewhere there is nothing to wait on.
     """
+    if thread.native_id is None:  # never started
+        return
     task = Path(f"/proc/self/task/{thread.native_id}")
     deadline = time.monotonic() + timeout
-    while thread.native_id is not None and task.exists() and time.monotonic() < deadline:
+    while task.exists() and time.monotonic() < deadline:
         time.sleep(0.001)  # the kernel offers no wait on another thread's exit; polls cost ~1 ms once
 
 

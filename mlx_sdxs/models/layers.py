@@ -342,7 +342,7 @@ class GroupNorm(nn.Module):
         var = group_mean(mx.square(flat - mean).sum(1))
         scale = mx.rsqrt(var + self.eps) * self.weight.astype(mx.float32)
         shift = self.bias.astype(mx.float32) - mean * scale
-        if with_silu and on_cpu():
+        if with_silu and fused_on_cpu(flat):
             return _scale_shift_silu(flat, scale, shift).reshape(x.shape).astype(dtype)
         y = (flat * scale + shift).reshape(x.shape).astype(dtype)
         return silu(y) if with_silu else y
