@@ -1,45 +1,8 @@
-"""Export a diffusers checkpoint's UNet and VAE encoder/decoder to ONNX for the ONNX Runtime CPU comparator.
+"""`python -m convert.onnx ARGS` = `mlx-sdxs export onnx ARGS`."""
 
-    python -m convert.onnx CHECKPOINT OUT [--render-size 512]
+import sys
 
-Writes OUT/unet.onnx, OUT/vae_encoder.onnx, OUT/vae_decoder.onnx (fp32, static shapes for one
-render size) and OUT/manifest.json. Uses the dynamo exporter at opset 18: with torch 2.13 the
-legacy TorchScript exporter fails on the SDXS UNet, and dynamo at opset 17 produced an invalid graph.
-"""
-
-from __future__ import annotations
-
-import warnings
-from pathlib import Path
-
-import torch
-
-from convert import Graph, export_graphs, export_parser
-from mlx_sdxs.errors import SDXSError
-
-OPSET = 18
-
-
-def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, render_size: int = 512) -> Path:
-    """Export the three graphs; `out_dir` is replaced only once all three succeeded."""
-    def save(graph: Graph, path: Path) -> None:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph.module, tuple(graph.inputs.values()), path, dynamo=True, opset_version=OPSET,
-                              input_names=list(graph.inputs), output_names=[graph.output], external_data=False,
-                              verbose=False)
-
-    return export_graphs(checkpoint_dir, out_dir, render_size, "onnx", "float32", ".onnx", save)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = export_parser("onnx", __doc__)
-    args = parser.parse_args(argv)
-    try:
-        print(export_onnx(args.checkpoint, args.out, args.render_size))
-    except SDXSError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
+from mlx_sdxs.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["export", "onnx", *sys.argv[1:]]))

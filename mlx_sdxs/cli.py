@@ -1,7 +1,7 @@
-"""`mlx-sdxs`: txt2img, img2img, camera, convert, download, info, bench.
+"""`mlx-sdxs`: txt2img, img2img, camera, studio, convert, export, download, info, bench.
 
 Thin by design: parse, build, run, save. Errors users can act on (`SDXSError`) print one line and
-exit 1; Ctrl-C exits 130; nothing is left half-written.
+exit 1; Ctrl-C (and SIGTERM during a session) exits 130; nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -12,78 +12,26 @@ import time
 import warnings
 from pathlib import Path
 
-from mlx_sdxs import hub
+from mlx_sdxs import hub, options, runtime
+from mlx_sdxs.backends.exported import COREML_PRECISIONS
 from mlx_sdxs.errors import SDXSError
-
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-
-
-def _ranged(kind, low, high, name):
-    """argparse type: a number in [low, high], the allowed range named in the error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be in [{low}, {high}], got {value}")
-        return value
-
-    return parse
-
-
-def _size(text: str) -> int:
-    value = _ranged(int, 64, 2048, "size")(text)
-    if value % 64:
-        raise argparse.ArgumentTypeError(f"size must be a multiple of 64 in [64, 2048], got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None,
-                       help=f"Hub repo id ({', '.join(hub.KNOWN_MODELS)}), a local diffusers checkpoint, a converted "
-                            f"weights folder, or 'random'/'random-tiny' (random weights, offline). Default: {hub.DEFAULT_MODEL}")
-    group.add_argument("--vae", default=None, help="replace the checkpoint's VAE, e.g. madebyollin/taesd (as the seed does)")
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help="weights/compute dtype; auto = float32 on CPU, float16 on a GPU")
-    group.add_argument("--weights-dir", type=Path, default=None,
-                       help="where converted weights live (default: $MLX_SDXS_WEIGHTS or ./weights)")
-    group.add_argument("--offline", action="store_true", help="never contact the Hub; use the cache and local folders only")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None:
     parser.add_argument("--prompt", required=True, help="text prompt (CLIP reads 75 tokens; longer ones are "
                         "truncated with a notice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
-    parser.add_argument("--size", type=_size, default=512, help="output side in pixels, multiple of 64 (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
+    parser.add_argument("--size", type=options.size_pair("--size", options.GENERATION_SIDES), default=(512, 512),
+                        metavar="WxH", help="output size, sides multiples of 64: 512 or 512x384 (default 512)")
     parser.add_argument("--output", "-o", type=Path, default=default_output,
                         help=f"PNG/JPEG/WebP file, written atomically (default {default_output})")
-    add_model_arguments(parser)
+    options.add_model_arguments(parser)
 
 
-def load_pipeline(args: argparse.Namespace, fallback_to_random: bool = False):
-    """Build the pipeline the model flags describe; optionally fall back to random weights when offline."""
-    import mlx.core as mx
+def _choice(args: argparse.Namespace):
+    from mlx_sdxs.backends import BackendChoice
 
-    from mlx_sdxs.pipeline import SDXSPipeline
-
-    dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
-    model = args.model or hub.DEFAULT_MODEL
-    try:
-        pipeline = SDXSPipeline.from_pretrained(model, dtype=dtype, vae=args.vae, weights_root=args.weights_dir,
-                                                offline=args.offline or None)
-    except SDXSError as exc:
-        if not (fallback_to_random and args.model is None):
-            raise
-        print(f"mlx-sdxs: {exc}", file=sys.stderr)
-        print("mlx-sdxs: >>> falling back to RANDOM WEIGHTS in the SDXS-512-0.9 shape: NOT a trained model <<<",
-              file=sys.stderr)
-        pipeline = SDXSPipeline.random("random", dtype=dtype)
-    if pipeline.label:
-        print(f"mlx-sdxs: model {pipeline.name}: {pipeline.label}", file=sys.stderr)
-    return pipeline
+    return BackendChoice.from_args(args)
 
 
 def _labelled(rgb, label: str | None):
@@ -95,73 +43,83 @@ def _labelled(rgb, label: str | None):
     return draw_banner(rgb.copy(), label)
 
 
+def _generated(pipeline, args: argparse.Namespace, seconds: float) -> None:
+    width, height = args.size
+    print(f"mlx-sdxs: {width}x{height} in {seconds:.2f} s ({pipeline.describe()}) → {args.output}", file=sys.stderr)
+
+
 def cmd_txt2img(args: argparse.Namespace) -> int:
+    from mlx_sdxs.backends import load_pipeline
     from mlx_sdxs.imageio import write_image
 
-    pipeline = load_pipeline(args)
+    pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
     image = pipeline.txt2img(args.prompt, seed=args.seed, size=args.size)
-    print(f"mlx-sdxs: {args.size}×{args.size} in {time.perf_counter() - start:.2f} s → {args.output}", file=sys.stderr)
+    _generated(pipeline, args, time.perf_counter() - start)
     write_image(args.output, _labelled(image, pipeline.label))
     return 0
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
+    from mlx_sdxs.backends import load_pipeline
     from mlx_sdxs.imageio import read_image, write_image
 
     image = read_image(args.input)
-    pipeline = load_pipeline(args)
+    pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
     result = pipeline.img2img(image, args.prompt, strength=args.strength, seed=args.seed, size=args.size)
-    print(f"mlx-sdxs: {args.size}×{args.size} in {time.perf_counter() - start:.2f} s → {args.output}", file=sys.stderr)
+    _generated(pipeline, args, time.perf_counter() - start)
     write_image(args.output, _labelled(result, pipeline.label))
     return 0
 
 
-def cmd_camera(args: argparse.Namespace) -> int:
-    import mlx.core as mx
+def open_stream_backend(args: argparse.Namespace):
+    """The camera/studio inference stage from the flags (`--backend`, the model flags, the recipe flags)."""
+    from mlx_sdxs.backends import open_backend
+    from mlx_sdxs.camera.app import stream_settings
 
+    return open_backend(_choice(args), stream_settings(args), args.prompt)
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
     from mlx_sdxs.camera.app import run_camera
 
-    if args.render_size is None:
-        # SDXS-512 is trained at 512; a CPU manages ~4x more frames at 256.
-        args.render_size = 512 if mx.default_device() == mx.gpu or args.backend != "mlx" else 256
-    return run_camera(args, make_camera_backend)
+    return run_camera(args, open_stream_backend)
 
 
-def make_camera_backend(args: argparse.Namespace):
-    """The camera's inference stage: MLX unless `--backend` picks a comparison backend."""
-    from mlx_sdxs.backends.base import RecipeSettings
+def cmd_studio(args: argparse.Namespace) -> int:
+    from mlx_sdxs.camera.app import run_camera
 
-    settings = RecipeSettings(render_size=args.render_size, feedback=args.feedback, seed=args.seed)
-    prompt = args.prompt
-    if args.backend == "mlx":
-        from mlx_sdxs.backends.mlx_backend import MLXBackend
-
-        return MLXBackend(load_pipeline(args, fallback_to_random=True), settings, prompt)
-    if args.backend == "coreml":
-        from mlx_sdxs.backends.coreml import CoreMLBackend
-
-        return CoreMLBackend(args.coreml_dir, settings, compute_units=args.compute_units, prompt=prompt)
-    from mlx_sdxs.backends.torch_backend import TorchBackend
-
-    return TorchBackend(args.model, settings, device=args.device, prompt=prompt)
+    return run_camera(args, open_stream_backend, studio=True)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from mlx_sdxs.convert import convert_checkpoint
 
-    dtype = "float32" if args.dtype == "auto" else args.dtype
+    dtype = runtime.dtype_name(runtime.parse_dtype(args.dtype))
     source = hub.checkpoint_folder(args.source, args.offline or None)
-    dst = args.output or (args.weights_dir or hub.default_weights_root()) / f"{source.resolve().name}-{dtype}"
+    dst = args.output or (args.weights_dir or hub.default_weights_root()) / f"{hub.model_slug(source)}-{dtype}"
     start = time.perf_counter()
     convert_checkpoint(source, dst, dtype=dtype)
     print(f"mlx-sdxs: converted {source} → {dst} ({dtype}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "coreml":
+        from mlx_sdxs.export.coreml import export_coreml
+
+        out = export_coreml(args.checkpoint, args.out, args.render_size, args.precision, args.minimum_deployment_target)
+    else:
+        from mlx_sdxs.export.onnx import export_onnx
+
+        out = export_onnx(args.checkpoint, args.out, args.render_size)
+    print(f"mlx-sdxs: exported {args.checkpoint} → {out} ({args.format}, {args.render_size[0]}x{args.render_size[1]})")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
-    dtype = "float32" if args.dtype == "auto" else args.dtype
+    dtype = runtime.dtype_name(runtime.parse_dtype(args.dtype))
     folder = hub.resolve(args.repo, dtype, args.vae, args.weights_dir, offline=None)
     print(f"mlx-sdxs: {args.repo} ready at {folder}")
     return 0
@@ -173,22 +131,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import mlx.core as mx
 
-    from mlx_sdxs import __version__, _blas
-    from mlx_sdxs.pipeline import default_dtype, dtype_name
+    from mlx_sdxs import __version__, _blas, native
 
+    described = runtime.describe()
     print(f"mlx-sdxs {__version__} · MLX {mx.__version__} · Python {platform.python_version()} · {platform.platform()}")
-    print(f"device: {mx.default_device()}  (default dtype {dtype_name(default_dtype())})")
-    print(f"BLAS:   {_blas.status()}")
-    if mx.default_device() == mx.cpu:
+    print(f"device: {described['device']}  (default dtype {described['dtype']})")
+    print(f"kernels: {described['kernels']} (policy {described['kernels_requested']}; "
+          f"set {runtime.KERNELS_ENV} or --kernels to auto, portable or cpu)")
+    if not runtime.on_gpu():
+        print(f"BLAS:   {_blas.status()}")
         # mx.compile builds its fused CPU kernels with the system g++ (SiLU, GroupNorm+SiLU, softmax).
         compiler = shutil.which("g++")
         print("fused CPU kernels: " + (f"compiled with {compiler}" if compiler else
                                        "uncompiled (no g++ on PATH; installing it makes SiLU/attention ~2x faster)"))
+        print(f"native CPU kernels: {native.status()}")
     root = args.weights_dir or hub.default_weights_root()
     models = hub.cached_models(root)
     print(f"converted models in {root}: " + ("none" if not models else ""))
-    for name, size in models:
-        print(f"  {name:50s} {size / 2**30:6.2f} GiB")
+    for name, dtype, size in models:
+        print(f"  {name:50s} {dtype:9s} {size / 2**30:6.2f} GiB")
     return 0
 
 
@@ -212,45 +173,59 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(p, Path("sdxs.png"))
     p.set_defaults(run=cmd_txt2img)
 
-    p = sub.add_parser("img2img", help="one-step image-to-image (centre crop to a square)")
+    p = sub.add_parser("img2img", help="one-step image-to-image (centre crop to the output's aspect)")
     p.add_argument("input", type=Path, help="input image (PNG/JPEG/…; grayscale, RGBA and 16-bit are converted)")
-    p.add_argument("--strength", type=_ranged(float, 0.02, 1.0, "--strength"), default=None,
+    p.add_argument("--strength", type=options.number(float, 0.02, 1.0, "--strength"), default=None,
                    help="noise strength in [0.02, 1]; unset = the model's one step (SDXS: t=999). "
                         "SDXS degrades below 1: use stabilityai/sd-turbo for strength img2img")
     add_generation_arguments(p, Path("sdxs-img2img.png"))
     p.set_defaults(run=cmd_img2img)
 
     p = sub.add_parser("camera", help="live camera img2img (3 threads: capture → inference → display)")
-    from mlx_sdxs.camera.app import add_camera_arguments
-
-    add_camera_arguments(p)
-    p.add_argument("--backend", choices=("mlx", "coreml", "torch"), default="mlx", help="inference backend (default mlx)")
-    p.add_argument("--coreml-dir", type=Path, help="CoreML packages from `python -m convert.coreml` (backend coreml)")
-    p.add_argument("--compute-units", default="CPU_AND_GPU", choices=("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY"))
-    p.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, mps)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the fixed noise (seed: 42)")
-    add_model_arguments(p)
+    options.add_stream_arguments(p)
+    p.add_argument("--no-window", "--headless", dest="window", action="store_false",
+                   help="no OpenCV window (a status line instead; stop with Ctrl-C, --max-frames or --duration)")
+    p.add_argument("--preview-port", type=options.number(int, 0, 65535, "--preview-port"), default=None,
+                   help="also serve the studio page on http://127.0.0.1:PORT/ (0 = any free port; studio extra)")
     p.set_defaults(run=cmd_camera)
+
+    p = sub.add_parser("studio", help="the live demo in a browser, with the visitor's own webcam (studio extra)")
+    options.add_stream_arguments(p)
+    options.add_server_arguments(p)
+    p.set_defaults(run=cmd_studio)
 
     p = sub.add_parser("convert", help="diffusers checkpoint (folder or Hub id) → MLX weights folder")
     p.add_argument("source", help="diffusers checkpoint folder or Hub repo id")
-    p.add_argument("--output", "-o", type=Path, default=None, help="destination (default: weights/<name>-<dtype>)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype (auto = float32)")
+    p.add_argument("--output", "-o", type=Path, default=None, help="destination (default: weights/<model>-<dtype>)")
+    p.add_argument("--dtype", choices=options.DTYPE_CHOICES, default="auto",
+                   help="stored dtype (auto = what this machine computes in: float16 on a GPU, float32 on the CPU)")
     p.add_argument("--weights-dir", type=Path, default=None)
     p.add_argument("--offline", action="store_true")
     p.set_defaults(run=cmd_convert)
 
+    p = sub.add_parser("export", help="diffusers checkpoint → CoreML packages or ONNX graphs (comparison backends)")
+    p.add_argument("format", choices=("coreml", "onnx"))
+    p.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
+    p.add_argument("out", type=Path, help="output folder (replaced if it exists)")
+    p.add_argument("--render-size", type=options.size_pair("--render-size", (256, 1024)), default=(512, 512),
+                   metavar="WxH", help="static render size of the graphs (default 512)")
+    p.add_argument("--precision", choices=COREML_PRECISIONS, default="float16", help="CoreML compute precision")
+    p.add_argument("--minimum-deployment-target", choices=("macOS13", "macOS14", "macOS15"), default="macOS14")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("download", help="fetch a Hub model into the Hugging Face cache and convert it once")
     p.add_argument("repo", nargs="?", default=hub.DEFAULT_MODEL)
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--dtype", choices=options.DTYPE_CHOICES, default="auto",
+                   help="stored dtype (auto = what this machine computes in)")
     p.add_argument("--vae", default=None)
     p.add_argument("--weights-dir", type=Path, default=None)
     p.set_defaults(run=cmd_download)
 
     sub.add_parser("bench", help="MLX vs PyTorch vs ONNX Runtime vs CoreML side by side (mlx-sdxs bench --help)")
 
-    p = sub.add_parser("info", help="what is converted, their sizes, the MLX device and BLAS")
+    p = sub.add_parser("info", help="device, dtype, kernel policy, BLAS, converted models and their dtypes")
     p.add_argument("--weights-dir", type=Path, default=None)
+    options.add_kernel_argument(p)
     p.set_defaults(run=cmd_info)
     return parser
 
@@ -258,21 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"mlx-sdxs: warning: {message}\n"
     argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else "mlx-sdxs"
     try:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        runtime.select_kernels(getattr(args, "kernels", None))
         return args.run(args)
     except SDXSError as exc:
         print(f"mlx-sdxs: error: {exc}", file=sys.stderr)
         return 1
     except MemoryError as exc:
-        print(f"mlx-sdxs: error: out of memory during `{args.command}`{f' ({exc})' if str(exc) else ''}; "
+        print(f"mlx-sdxs: error: out of memory during `{command}`{f' ({exc})' if str(exc) else ''}; "
               "close other programs, or try a smaller --size/--render-size or --dtype float16", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mlx-sdxs: interrupted", file=sys.stderr)
         return 130
+    finally:
+        runtime.select_kernels(None)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+from tqdm import tqdm
 
 from mlx_sdxs import weights as W
 from mlx_sdxs.errors import SDXSError, WeightsError
+from mlx_sdxs.runtime import DTYPES
 
+# No tqdm monitor thread: a conversion is one pass, and threads must not outlive the work that made them.
+tqdm.monitor_interval = 0
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MANIFEST = "mlx_sdxs.json"
 
 
@@ -67,7 +70,9 @@ def _write_component(src: Path, out: Path, component: str, dtype: str) -> None:
     origin: dict[str, str] = {}
     for file in _checkpoint_files(src):
         tensors, _ = W.read_safetensors(file)
-        for key, value in tensors.items():
+        # A bar on a terminal (tqdm comes with huggingface-hub); each tensor is converted as it is counted.
+        for key, value in tqdm(tensors.items(), desc=f"converting {component}", unit="tensor", disable=None,
+                               leave=False):
             new_key = W.map_key(component, key)
             if new_key is None:
                 continue
@@ -76,6 +81,7 @@ def _write_component(src: Path, out: Path, component: str, dtype: str) -> None:
             value = W.adapt_layout(value, expected.get(new_key, tuple(value.shape)))
             if mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(DTYPES[dtype])
+            mx.eval(value)
             converted[new_key], origin[new_key] = value, key
     W.check_tensors(converted, model, str(src))
 

@@ -1,4 +1,14 @@
-"""Errors users can act on. Every message names the file, key, flag or value at fault."""
+"""Errors users can act on. Every message names the file, key, flag or value at fault.
+
+`read_json` is the one reader of the JSON files users hand over (configs, tokenizer vocabularies): a
+missing or broken file becomes one of these errors, saying which file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 
 class SDXSError(Exception):
@@ -23,3 +33,14 @@ class SourceError(SDXSError):
 
 class BackendUnavailable(SDXSError):
     """An inference backend cannot run on this machine (e.g. CoreML prediction off macOS)."""
+
+
+def read_json(path: Path, missing: str, error: type[SDXSError] = ConfigError) -> Any:
+    """The parsed file; `missing` says what should be there (WeightsError), `error` is raised for bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing ({missing})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None

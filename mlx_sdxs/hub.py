@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 from mlx_sdxs import convert as C
+from mlx_sdxs.runtime import DTYPES
 from mlx_sdxs.errors import SDXSError, WeightsError
 
 DEFAULT_MODEL = "IDKiro/sdxs-512-0.9"
 KNOWN_MODELS = ("IDKiro/sdxs-512-0.9", "IDKiro/sdxs-512-dreamshaper", "stabilityai/sd-turbo")
-TINY_VAE = "madebyollin/taesd"
 
 # Only what mlx-sdxs reads: configs, tokenizer files and full-precision safetensors (no .bin, no
 # fp16 variants, no safety checker / feature extractor).
@@ -42,6 +42,32 @@ def is_diffusers_checkpoint(path: Path) -> bool:
 
 def _slug(model: str) -> str:
     return model.strip("/").replace("/", "--")
+
+
+def model_slug(folder: Path) -> str:
+    """A checkpoint folder's name for what is made from it: the repo (`org--name`) for a Hugging Face
+    cache snapshot (`…/models--org--name/snapshots/<hash>`), else the folder's own name."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--")
+    return folder.name
+
+
+def converted_dtype(folder: Path) -> str | None:
+    """The dtype a converted folder stores (its manifest's), None for a folder that is not one."""
+    return _manifest(folder).get("dtype") if is_converted(folder) else None
+
+
+def find_converted(weights_root: Path, name: str, dtype: str, source: Path | None = None) -> Path | None:
+    """A converted folder of `name`: in `dtype` if there is one, else float32 (casts to any dtype without
+    loss), else any dtype — loading casts, so one conversion serves every runtime dtype. With `source`,
+    only folders converted from that checkpoint count."""
+    preferred = list(dict.fromkeys([dtype, "float32", *DTYPES]))
+    for candidate in preferred:
+        folder = weights_root / f"{name}-{candidate}"
+        if is_converted(folder) and (source is None or _manifest(folder).get("source") == str(source)):
+            return folder
+    return None
 
 
 def is_repo_id(model: str) -> bool:
@@ -86,7 +112,10 @@ def download(repo_id: str, offline: bool | None = None) -> Path:
 
 def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_root: Path | None = None,
             offline: bool | None = None) -> Path:
-    """Return a converted MLX weights folder for `model`, converting (and downloading) once if needed."""
+    """Return a converted MLX weights folder for `model`, converting (and downloading) once if needed.
+
+    An existing conversion in another dtype is reused (loading casts): a model is converted once per
+    machine, in the dtype the runtime uses there (`dtype`)."""
     weights_root = weights_root or default_weights_root()
     path = Path(model).expanduser()
     if path.exists():
@@ -97,18 +126,17 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
                 f"{path}: neither a converted mlx-sdxs folder (no {C.MANIFEST}) nor a diffusers checkpoint "
                 "(no model_index.json)"
             )
-        source, name = path, path.resolve().name
+        source, name = path, model_slug(path) + _vae_suffix(vae)
+        existing = find_converted(weights_root, name, dtype, source)
     elif is_repo_id(model):
-        target = weights_root / f"{_slug(model)}{_vae_suffix(vae)}-{dtype}"
-        if is_converted(target):
-            return target
-        source, name = download(model, offline), _slug(model)
+        name = _slug(model) + _vae_suffix(vae)
+        existing = find_converted(weights_root, name, dtype)
+        source = None if existing else download(model, offline)
     else:
         raise _not_a_model(f"--model {model!r}")
-
-    target = weights_root / f"{name}{_vae_suffix(vae)}-{dtype}"
-    if is_converted(target) and _manifest(target).get("source") == str(source):
-        return target
+    if existing is not None:
+        return existing
+    target = weights_root / f"{name}-{dtype}"
     vae_folder = None if vae is None else _vae_folder(vae, offline)
     print(f"mlx-sdxs: converting {source} → {target} ({dtype}) once …", flush=True)
     return C.convert_checkpoint(source, target, dtype=dtype, vae=vae_folder)
@@ -131,13 +159,14 @@ def _manifest(folder: Path) -> dict:
         return {}
 
 
-def cached_models(weights_root: Path | None = None) -> list[tuple[str, int]]:
-    """(folder name, size in bytes) of every converted model under the weights root."""
+def cached_models(weights_root: Path | None = None) -> list[tuple[str, str, int]]:
+    """(folder name, stored dtype, size in bytes) of every converted model under the weights root."""
     weights_root = weights_root or default_weights_root()
     if not weights_root.is_dir():
         return []
     found = []
     for folder in sorted(weights_root.iterdir()):
         if is_converted(folder):
-            found.append((folder.name, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())))
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            found.append((folder.name, converted_dtype(folder) or "?", size))
     return found

@@ -26,9 +26,9 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageError(f"{path}: empty file")
-    header_size = _header_size(data[:65536].tobytes())
-    if header_size is not None:
-        _check_size(path, *header_size)  # before decoding: an oversized file never allocates its pixels
+    declared = header_size(data[:65536].tobytes())
+    if declared is not None:
+        _check_size(path, *declared)  # before decoding: an oversized file never allocates its pixels
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageError(f"{path}: not a decodable image (PNG, JPEG, WebP, BMP, TIFF …)")
@@ -51,7 +51,7 @@ def _check_size(path: Path, width: int, height: int) -> None:
         raise ImageError(f"{path}: {width}×{height} is too small (each side must be ≥ {MIN_SIDE} px)")
 
 
-def _header_size(head: bytes) -> tuple[int, int] | None:
+def header_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG or JPEG header without decoding; None for other formats or odd headers."""
     if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
         return struct.unpack(">II", head[16:24])

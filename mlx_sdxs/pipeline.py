@@ -1,32 +1,27 @@
-"""One-step SDXS pipelines on MLX: txt2img, strength img2img and the seed paper's camera stream.
+"""One-step SDXS pipelines on MLX: txt2img, strength img2img, and the camera stream's engine.
 
 No threads and no file I/O here: images come in and go out as numpy arrays (RGB uint8 at the API,
-[-1, 1] NHWC inside). The per-frame recipe is documented in `backends/base.py`.
+[-1, 1] NHWC inside). The camera stream is `recipe.Recipe` running on `MLXEngine`.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sdxs import hub
-from mlx_sdxs.backends.base import LATENT_SCALE, RecipeSettings, center_crop_resize, fixed_noise
+from mlx_sdxs import frames, hub, presets, runtime
 from mlx_sdxs.errors import ConfigError, ImageError
-from mlx_sdxs.models.layers import reserve_cpu_buffer_cache
+from mlx_sdxs.recipe import LATENT_SCALE, Recipe, RecipeSettings, seed_noise
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, load_tokenizer
-from mlx_sdxs.weights import build_model, load_text_encoder, load_unet, load_vae
+from mlx_sdxs.weights import build_model, load_text_encoder, load_unet, load_vae, parameter_dtype, prepare
 
-PRESETS = Path(__file__).parent / "presets"
-RANDOM_MODELS = {"random": "sdxs-512-0.9", "random-tiny": "tiny"}
-RANDOM_LABEL = "RANDOM WEIGHTS - not a trained model"
 SDXS_MUD_WARNING = (
     "SDXS is distilled for t=999 only: img2img at strength < 1 degrades to 'mud' (IDKiro/sdxs issues #10, #24). "
     "Use stabilityai/sd-turbo for strength-based img2img, or leave --strength unset for SDXS."
@@ -34,13 +29,21 @@ SDXS_MUD_WARNING = (
 _PROMPT_CACHE_SIZE = 32
 
 
-def default_dtype() -> mx.Dtype:
-    """fp16 on a GPU (Metal/CUDA); fp32 on CPU, where MLX's fp16/bf16 matmul is ~100x slower."""
-    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    return {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> None:
+    """Refuse parts that cannot work together, naming both, instead of producing a silently wrong image."""
+    latent, unet_in = vae.config.latent_channels, unet.config.in_channels
+    if latent != unet_in:
+        raise ConfigError(f"the vae makes {latent}-channel latents but the unet takes {unet_in} channels "
+                          "(in_channels): this VAE does not belong to this UNet")
+    text_dim = text_encoder.config.hidden_size
+    cross_dims = {level.cross_attention_dim for level in unet.config.down_levels}
+    if cross_dims != {text_dim}:
+        raise ConfigError(f"the text_encoder makes {text_dim}-wide embeddings but the unet attends to "
+                          f"{sorted(cross_dims)} (cross_attention_dim): this text encoder does not belong to this UNet")
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift not in (None, 0, 0.0):
+        raise ConfigError(f"the vae has shift_factor={shift} (an SD3/FLUX latent space) but the unet is an SD-1/2 "
+                          "UNet, whose latents are only scaled: this VAE does not belong to this UNet")
 
 
 class SDXSPipeline:
@@ -48,6 +51,7 @@ class SDXSPipeline:
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
                  scheduler: OneStepScheduler, dtype: mx.Dtype = mx.float32, name: str = "", label: str | None = None):
+        check_components(unet, vae, text_encoder)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler, self.dtype, self.name = scheduler, dtype, name
         #: Shown on every output when set (random-weight models say so).
@@ -57,57 +61,54 @@ class SDXSPipeline:
         # The UNet halves the latent once per level below the first: sizes must divide by this.
         self.size_multiple = LATENT_SCALE * 2 ** (len(unet.config.block_out_channels) - 1)
         self._prompts: OrderedDict[str, mx.array] = OrderedDict()
-        reserve_cpu_buffer_cache()
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = hub.DEFAULT_MODEL, dtype: mx.Dtype | None = None, vae: str | None = None,
-                        weights_root: str | Path | None = None, offline: bool | None = None) -> "SDXSPipeline":
+                        weights_root: str | Path | None = None, offline: bool | None = None,
+                        kernels: str | None = None) -> "SDXSPipeline":
         """A Hub repo id, a local diffusers checkpoint, a converted folder, or "random"/"random-tiny"."""
-        dtype = dtype or default_dtype()
-        if model in RANDOM_MODELS:
-            return cls.random(model, dtype=dtype)
-        folder = hub.resolve(model, dtype_name(dtype), vae, Path(weights_root) if weights_root else None, offline)
-        return cls.from_weights(folder, dtype, name=model)
+        dtype = dtype or runtime.default_dtype()
+        if model in presets.RANDOM_MODELS:
+            return cls.random(model, dtype=dtype, kernels=kernels)
+        folder = hub.resolve(model, runtime.dtype_name(dtype), vae, Path(weights_root) if weights_root else None,
+                             offline)
+        return cls.from_weights(folder, dtype, name=model, kernels=kernels)
 
     @classmethod
-    def from_weights(cls, folder: str | Path, dtype: mx.Dtype | None = None, name: str | None = None) -> "SDXSPipeline":
-        """Load a converted MLX weights folder (see `mlx_sdxs.convert`)."""
+    def from_weights(cls, folder: str | Path, dtype: mx.Dtype | None = None, name: str | None = None,
+                     kernels: str | None = None) -> "SDXSPipeline":
+        """Load a converted MLX weights folder (see `mlx_sdxs.convert`), cast to `dtype` (default: this
+        machine's runtime dtype, so any converted dtype serves)."""
         folder = Path(folder)
-        dtype = dtype or default_dtype()
+        dtype = dtype or runtime.default_dtype()
         return cls(
-            load_unet(folder / "unet", dtype),
-            load_vae(folder / "vae", dtype),
-            load_text_encoder(folder / "text_encoder", dtype),
+            load_unet(folder / "unet", dtype, kernels),
+            load_vae(folder / "vae", dtype, kernels),
+            load_text_encoder(folder / "text_encoder", dtype, kernels),
             load_tokenizer(folder / "tokenizer"),
             OneStepScheduler(SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")),
             dtype,
             name=name or folder.name,
+            label=presets.RANDOM_LABEL if presets.is_random_checkpoint(folder) else None,
         )
 
     @classmethod
-    def random(cls, model: str = "random", seed: int = 0, dtype: mx.Dtype | None = None) -> "SDXSPipeline":
+    def random(cls, model: str = "random", seed: int = 0, dtype: mx.Dtype | None = None,
+               kernels: str | None = None) -> "SDXSPipeline":
         """Random weights in a real checkpoint's shape, for running everything offline. Not a trained model."""
-        preset = PRESETS / RANDOM_MODELS.get(model, model)
-        if not preset.is_dir():
-            raise ConfigError(f"--model {model!r}: no preset {preset.name!r} (have: {', '.join(RANDOM_MODELS)})")
-        dtype = dtype or default_dtype()
+        preset = presets.RANDOM_MODELS.get(model, model)
+        configs = presets.configs(preset)
+        dtype = dtype or runtime.default_dtype()
         mx.random.seed(seed)
-        models = {}
-        for component in ("unet", "vae", "text_encoder"):
-            config = json.loads((preset / component / "config.json").read_text())
-            module = build_model(config, component)
-            module.set_dtype(dtype)
-            module.eval()
-            mx.eval(module.parameters())
-            models[component] = module
-        scheduler = OneStepScheduler(SchedulerConfig.from_file(preset / "scheduler" / "scheduler_config.json"))
+        models = {c: prepare(build_model(configs[c], c), dtype, kernels) for c in ("unet", "vae", "text_encoder")}
+        scheduler = OneStepScheduler(SchedulerConfig.from_dict(configs["scheduler"]))
         return cls(models["unet"], models["vae"], models["text_encoder"], byte_level_tokenizer(), scheduler, dtype,
-                   name=f"{model} ({preset.name} shape)", label=RANDOM_LABEL)
+                   name=f"{model} ({preset} shape)", label=presets.RANDOM_LABEL)
 
     # --- building blocks ---------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> mx.array:
-        """CLIP embeddings (1, 77, D), computed once per prompt and kept in a small LRU cache."""
+        """CLIP embeddings (1, 77, D) in float32, computed once per prompt and kept in a small LRU cache."""
         if prompt in self._prompts:
             self._prompts.move_to_end(prompt)
             return self._prompts[prompt]
@@ -115,132 +116,150 @@ class SDXSPipeline:
             warnings.warn(f"prompt is longer than the text encoder's {self.tokenizer.max_length} tokens and was "
                           f"truncated: {prompt[:60]!r}…", stacklevel=2)
         ids = mx.array(self.tokenizer([prompt]))
-        embeds = self.text_encoder(ids).astype(self.dtype)
+        embeds = self.text_encoder(ids).astype(mx.float32)
         mx.eval(embeds)
         self._prompts[prompt] = embeds
         if len(self._prompts) > _PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
         return embeds
 
-    def check_size(self, size: int) -> None:
-        if size < self.size_multiple or size % self.size_multiple:
-            raise ImageError(f"size {size}: must be a positive multiple of {self.size_multiple} for this model")
+    def check_size(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        """(width, height), each a positive multiple of what the UNet's downsampling needs."""
+        width, height = frames.as_size(size)
+        for side in (width, height):
+            if side < self.size_multiple or side % self.size_multiple:
+                raise ImageError(f"size {width}x{height}: each side must be a positive multiple of "
+                                 f"{self.size_multiple} for this model")
+        return width, height
 
     def encode(self, image: mx.array) -> mx.array:
-        """[-1, 1] NHWC image → scaled latent."""
-        return self.vae.encode(image.astype(self.dtype)) * self.scaling_factor
+        """[-1, 1] NHWC image → float32 UNet-space latent (scaled)."""
+        latent = self.vae.encode(image.astype(self._vae_dtype)) * self.scaling_factor
+        return latent.astype(mx.float32)
 
     def decode(self, latent: mx.array) -> mx.array:
-        """Scaled latent → [-1, 1] NHWC image."""
-        return self.vae.decode(latent / self.scaling_factor)
+        """UNet-space latent → [-1, 1] NHWC image, float32."""
+        return self.vae.decode((latent / self.scaling_factor).astype(self._vae_dtype)).astype(mx.float32)
 
-    def denoise(self, noisy: mx.array, timestep: int, embeds: mx.array) -> mx.array:
-        """One UNet call and the epsilon → x0 formula."""
-        sqrt_alpha, sqrt_one_minus = self.scheduler.coefficients(timestep)
-        eps = self.unet(noisy, mx.array([timestep]), embeds)
-        return (noisy - sqrt_one_minus * eps) / sqrt_alpha
+    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array) -> mx.array:
+        """One UNet call; inputs are cast to the UNet's dtype, ε comes back as float32."""
+        eps = self.unet(noisy.astype(self.dtype), mx.array([timestep]), embeds.astype(self.dtype))
+        return eps.astype(mx.float32)
 
-    def noise(self, seed: int, size: int) -> mx.array:
-        settings = RecipeSettings(render_size=size, seed=seed)
-        return mx.array(fixed_noise(settings, self.latent_channels)).astype(self.dtype)
+    def noise(self, seed: int, size: int | tuple[int, int]) -> mx.array:
+        return mx.array(seed_noise(seed, frames.as_size(size), self.latent_channels))
+
+    @property
+    def _vae_dtype(self) -> mx.Dtype:
+        return parameter_dtype(self.vae)  # float32 under a float16 runtime when the VAE must upcast
 
     # --- user-facing generation ---------------------------------------------------------------
-    def txt2img(self, prompt: str, seed: int = 0, size: int = 512, noise: np.ndarray | None = None) -> np.ndarray:
-        """One step from pure noise (guidance 0) → RGB uint8 (size, size, 3)."""
-        self.check_size(size)
-        latent = self.noise(seed, size) if noise is None else mx.array(noise).astype(self.dtype)
-        denoised = self.denoise(latent, self.scheduler.one_step_timestep(), self.encode_prompt(prompt))
-        return to_uint8(self.decode(denoised))[0]
-
-    def img2img(self, image: np.ndarray, prompt: str, strength: float | None = None, seed: int = 0, size: int = 512,
+    def txt2img(self, prompt: str, seed: int = 0, size: int | tuple[int, int] = 512,
                 noise: np.ndarray | None = None) -> np.ndarray:
-        """One step from an RGB uint8 image (centre-cropped and resized to `size`²) → RGB uint8.
+        """One step from pure noise (guidance 0) → RGB uint8 (height, width, 3)."""
+        size = self.check_size(size)
+        latent = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
+        timestep = self.scheduler.one_step_timestep()
+        denoised = self.scheduler.predict_x0(latent, self.predict_noise(latent, timestep, self.encode_prompt(prompt)),
+                                             timestep)
+        return frames.from_model_output(np.array(self.decode(denoised)), bgr=False)
+
+    def img2img(self, image: np.ndarray, prompt: str, strength: float | None = None, seed: int = 0,
+                size: int | tuple[int, int] = 512, noise: np.ndarray | None = None) -> np.ndarray:
+        """One step from an RGB uint8 image (centre-cropped to the aspect of `size`, resized) → RGB uint8.
 
         `strength=None` runs at the model's one-step timestep (SDXS: t=999, as the camera does);
         a strength in (0, 1] picks t = timesteps₅₀[int(50·(1−strength))] (SD-Turbo style).
         """
-        self.check_size(size)
+        size = self.check_size(size)
+        frames.check_frame(image, "RGB image")
         if strength is not None and strength < 1.0 and self.is_sdxs:
             warnings.warn(SDXS_MUD_WARNING, stacklevel=2)
         timestep = self.scheduler.one_step_timestep(strength)
-        sqrt_alpha, sqrt_one_minus = self.scheduler.coefficients(timestep)
-        latent = self.encode(from_uint8(center_crop_resize(_as_rgb(image), size)))
-        noise = self.noise(seed, size) if noise is None else mx.array(noise).astype(self.dtype)
-        noisy = sqrt_alpha * latent + sqrt_one_minus * noise
-        return to_uint8(self.decode(self.denoise(noisy, timestep, self.encode_prompt(prompt))))[0]
+        latent = self.encode(mx.array(frames.to_model_input(image, size, bgr=False)))
+        noise = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
+        noisy = self.scheduler.add_noise(latent, noise, timestep)
+        eps = self.predict_noise(noisy, timestep, self.encode_prompt(prompt))
+        return frames.from_model_output(np.array(self.decode(self.scheduler.predict_x0(noisy, eps, timestep))),
+                                        bgr=False)
 
     @property
     def is_sdxs(self) -> bool:
-        return "sdxs" in self.name.lower() or self.label == RANDOM_LABEL
+        return "sdxs" in self.name.lower() or self.label == presets.RANDOM_LABEL
 
-    def stream(self, settings: RecipeSettings, prompt: str) -> "ImageStream":
+    def stream(self, settings: RecipeSettings, prompt: str | None = None) -> Recipe:
+        """The camera recipe on this pipeline (fixed noise, feedback, prompt morph)."""
         self.check_size(settings.render_size)
-        return ImageStream(self, settings, prompt)
+        return Recipe(MLXEngine(self), settings, prompt)
+
+    def describe(self) -> str:
+        """dtype and kernel policy, for every output that reports timings."""
+        return f"{runtime.dtype_name(self.dtype)}, {self.unet.ops.name} kernels"
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": dtype_name(self.dtype), "label": self.label,
-                "unet_parameters": _count(self.unet), "vae": type(self.vae).__name__,
-                "text_encoder_parameters": _count(self.text_encoder)}
+        return {"name": self.name, "dtype": runtime.dtype_name(self.dtype), "label": self.label,
+                "kernels": self.unet.ops.name, "unet_parameters": _count(self.unet),
+                "vae": type(self.vae).__name__, "text_encoder_parameters": _count(self.text_encoder)}
 
 
-class ImageStream:
-    """The seed paper's camera img2img: fixed noise, latent feedback, smooth prompt morphing.
+class MLXEngine:
+    """The recipe's engine on an `SDXSPipeline`: NHWC `mx.array`s, lazily built, evaluated by `sync`.
 
-    State between frames: the previous denoised latent and the current/target prompt embeddings.
-    """
+    MLX graphs belong to the stream of the thread that built them. Once this engine is used inside a
+    `runtime.thread_stream()` (the camera's inference thread), a call from any other thread raises
+    `StreamOwnershipError` until that stream is released."""
 
-    def __init__(self, pipeline: SDXSPipeline, settings: RecipeSettings, prompt: str):
-        self.pipeline, self.settings = pipeline, settings
-        self.timestep = pipeline.scheduler.one_step_timestep(settings.strength)
-        self.sqrt_alpha, sqrt_one_minus = pipeline.scheduler.coefficients(self.timestep)
-        # The noise never changes, so its scaled term is computed once.
-        self.noise_term = sqrt_one_minus * mx.array(fixed_noise(settings, pipeline.latent_channels)).astype(pipeline.dtype)
-        self.embeds = self.target = pipeline.encode_prompt(prompt)
-        self.previous: mx.array | None = None
-        # Evaluate now: MLX graphs are bound to the creating thread's stream, and the camera loop
-        # runs frames on its inference thread.
-        mx.eval(self.noise_term)
+    def __init__(self, pipeline: SDXSPipeline):
+        self.pipeline = pipeline
+        self.name = f"mlx-{mx.default_device().type.name} ({pipeline.describe()})"
+        self.scheduler = pipeline.scheduler
+        self.latent_channels = pipeline.latent_channels
+        self.label = pipeline.label
+        self._owner: runtime.OwnedStream | None = None
 
-    def set_prompt(self, prompt: str) -> None:
-        """Morph towards `prompt` over the next frames (seed: 5 % of the remaining distance per frame)."""
-        self.target = self.pipeline.encode_prompt(prompt)
+    def worker(self):
+        return runtime.worker_thread()
+
+    def check_thread(self) -> None:
+        current = runtime.current_stream()
+        owner = self._owner
+        if owner is not None and not owner.released and owner is not current:
+            owner.check(f"the MLX stream of {self.name}")
+        self._owner = current
+
+    def from_nhwc(self, array: np.ndarray) -> mx.array:
+        return mx.array(array, dtype=mx.float32)
+
+    def to_nhwc(self, array: mx.array) -> np.ndarray:
+        return np.array(array)
 
     def encode(self, image: mx.array) -> mx.array:
-        latent = self.pipeline.encode(image)
-        if self.previous is not None:
-            latent = (1.0 - self.settings.feedback) * latent + self.settings.feedback * self.previous
-        return latent
+        return self.pipeline.encode(image)
 
-    def denoise(self, latent: mx.array) -> mx.array:
-        if self.target is not self.embeds:
-            self.embeds = self.embeds + self.settings.prompt_morph * (self.target - self.embeds)
-        noisy = self.sqrt_alpha * latent + self.noise_term
-        self.previous = self.pipeline.denoise(noisy, self.timestep, self.embeds)
-        return self.previous
+    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array) -> mx.array:
+        return self.pipeline.predict_noise(noisy, timestep, embeds)
 
-    def __call__(self, image: mx.array) -> mx.array:
-        """[-1, 1] NHWC frame (1, s, s, 3) → [-1, 1] NHWC output; lazy (the caller evaluates)."""
-        return self.pipeline.decode(self.denoise(self.encode(image)))
+    def decode(self, latent: mx.array) -> mx.array:
+        return self.pipeline.decode(latent)
 
+    def encode_prompt(self, prompt: str) -> np.ndarray:
+        return np.array(self.pipeline.encode_prompt(prompt))
 
-def from_uint8(rgb: np.ndarray) -> mx.array:
-    """RGB uint8 (H, W, 3) → [-1, 1] float32 NHWC batch of one."""
-    return mx.array(rgb[None].astype(np.float32) * (2.0 / 255.0) - 1.0)
+    def prompt_truncated(self, prompt: str) -> bool:
+        return self.pipeline.tokenizer.is_truncated(prompt)
 
+    def from_embeds(self, embeds: np.ndarray) -> mx.array:
+        return mx.array(embeds, dtype=mx.float32)
 
-def to_uint8(image: mx.array) -> np.ndarray:
-    """[-1, 1] NHWC → RGB uint8, rounded like diffusers' postprocessing."""
-    scaled = mx.clip((image.astype(mx.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(mx.uint8)
-    return np.array(scaled)
+    def sync(self, arrays: Sequence[mx.array]) -> None:
+        mx.eval(*arrays)
 
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
-    return image
+    def close(self) -> None:
+        """The pipeline is shared between streams and stays loaded."""
 
 
 def _count(module: nn.Module) -> int:
     from mlx.utils import tree_flatten
 
     return sum(v.size for _, v in tree_flatten(module.parameters()))
+

@@ -11,18 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlx_sdxs import presets
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, save_tokenizer
 
-PRESETS = Path(__file__).parent / "presets"
 COMPONENTS = ("unet", "vae", "text_encoder")
-
-
-def preset_configs(preset: str) -> dict[str, dict[str, Any]]:
-    """The configs the package ships for `preset` (e.g. "sdxs-512-0.9"): unet, vae, text_encoder, scheduler."""
-    folder = PRESETS / preset
-    configs = {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENTS}
-    configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return configs
 
 
 def build_torch_models(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -40,8 +32,9 @@ def build_torch_models(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_checkpoint(dst: str | Path, models: dict[str, Any], scheduler_config: dict[str, Any],
-                     tokenizer: CLIPTokenizer | None = None) -> Path:
-    """Save modules + tokenizer + scheduler as a diffusers checkpoint folder (model_index.json included)."""
+                     tokenizer: CLIPTokenizer | None = None, random: bool = False) -> Path:
+    """Save modules + tokenizer + scheduler as a diffusers checkpoint folder (model_index.json included);
+    `random` marks it as random weights, so every output made from it is labelled."""
     dst = Path(dst)
     for component in COMPONENTS:
         models[component].save_pretrained(dst / component, safe_serialization=True)
@@ -56,6 +49,8 @@ def write_checkpoint(dst: str | Path, models: dict[str, Any], scheduler_config: 
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler_config.get("_class_name", "EulerDiscreteScheduler")],
     }
+    if random:
+        index[presets.RANDOM_MARKER] = True
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
 
@@ -65,5 +60,5 @@ def write_random_checkpoint(dst: str | Path, preset: str = "sdxs-512-0.9", seed:
     import torch
 
     torch.manual_seed(seed)
-    configs = preset_configs(preset)
-    return write_checkpoint(dst, build_torch_models(configs), configs["scheduler"])
+    configs = presets.configs(preset)
+    return write_checkpoint(dst, build_torch_models(configs), configs["scheduler"], random=True)

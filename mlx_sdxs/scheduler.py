@@ -1,4 +1,4 @@
-"""One-step scheduler math from a diffusers `scheduler_config.json` (pure numpy, no model code).
+"""One-step scheduler math from a diffusers `scheduler_config.json` (numpy tables, no model code).
 
 For a one-step model every Euler/DDPM variant collapses to the same two formulas at a single
 timestep t with ᾱ = alphas_cumprod[t]:
@@ -11,14 +11,13 @@ EulerDiscrete's sigma-space formulation (latents scaled by √(σ²+1)) gives id
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.errors import ConfigError, read_json
 
 _SPACINGS = ("trailing", "leading", "linspace")
 _BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -55,13 +54,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SchedulerConfig":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: missing") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(read_json(Path(path), "a scheduler folder needs scheduler_config.json"))
 
 
 class OneStepScheduler:
@@ -91,7 +84,7 @@ class OneStepScheduler:
         return steps
 
     def strength_timestep(self, strength: float, num_steps: int = 50) -> int:
-        """The single timestep img2img runs at for `strength` (seed: timesteps[int(50·(1−strength))])."""
+        """The single timestep img2img runs at for `strength` (as the SDXS camera demo: timesteps[int(50·(1−strength))])."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         schedule = self.timesteps(num_steps)
@@ -105,3 +98,14 @@ class OneStepScheduler:
         """(√ᾱ, √(1−ᾱ)) at `timestep`."""
         alpha_bar = float(self.alphas_cumprod[int(timestep)])
         return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+
+    # The two formulas, with Python operators only: they run on mx.array, np.ndarray and torch.Tensor.
+    def add_noise(self, x0, noise, timestep: int):
+        """√ᾱ·x0 + √(1−ᾱ)·noise."""
+        sqrt_alpha, sqrt_one_minus = self.coefficients(timestep)
+        return sqrt_alpha * x0 + sqrt_one_minus * noise
+
+    def predict_x0(self, noisy, epsilon, timestep: int):
+        """(noisy − √(1−ᾱ)·ε) / √ᾱ."""
+        sqrt_alpha, sqrt_one_minus = self.coefficients(timestep)
+        return (noisy - sqrt_one_minus * epsilon) / sqrt_alpha

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from mlx_sdxs.errors import WeightsError
+from mlx_sdxs.errors import WeightsError, read_json
 
 MAX_LENGTH = 77
+_TOKENIZER_FILES = "a CLIP tokenizer folder needs vocab.json and merges.txt"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -138,12 +139,12 @@ class CLIPTokenizer:
         """Read a diffusers/transformers `tokenizer/` folder: vocab.json, merges.txt, and the special tokens of
         tokenizer_config.json / special_tokens_map.json when present."""
         folder = Path(folder)
-        vocab = _read_json(folder / "vocab.json")
+        vocab = read_json(folder / "vocab.json", _TOKENIZER_FILES, WeightsError)
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise WeightsError(f"{folder / 'vocab.json'}: expected a JSON object of token → integer id")
         merges = _read_merges(folder / "merges.txt")
         config, special_map = (
-            _read_json(folder / name) if (folder / name).is_file() else {}
+            read_json(folder / name, _TOKENIZER_FILES, WeightsError) if (folder / name).is_file() else {}
             for name in ("tokenizer_config.json", "special_tokens_map.json")
         )
 
@@ -243,15 +244,6 @@ def _special_token(value: Any, folder: Path) -> tuple[str, bool]:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"], bool(value.get("normalized", False))
     raise WeightsError(f"{folder}: special token {value!r} is neither a string nor an AddedToken object")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (a CLIP tokenizer folder needs vocab.json and merges.txt)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ A converted component folder holds `config.json` (the checkpoint's own, untouche
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_sdxs.errors import ConfigError, SDXSError, WeightsError
+from mlx_sdxs import runtime
+from mlx_sdxs.errors import ConfigError, SDXSError, WeightsError, read_json
 
 FORMAT_NAME = "mlx-sdxs"
 #: Bumped whenever the MLX layout of converted weights changes; older folders must be reconverted.
@@ -60,13 +60,7 @@ def adapt_layout(value: mx.array, expected_shape: tuple[int, ...]) -> mx.array:
 
 
 def read_config(component_dir: Path) -> dict[str, Any]:
-    path = Path(component_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (expected a component folder with {CONFIG_FILE})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(Path(component_dir) / CONFIG_FILE, f"expected a component folder with {CONFIG_FILE}")
 
 
 def build_model_from(component_dir: Path, component: str) -> nn.Module:
@@ -153,8 +147,35 @@ def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     return weights, metadata or {}
 
 
-def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | None = None) -> nn.Module:
-    """Build the module from `config.json` and load `model.safetensors` strictly."""
+def compute_dtype(model: nn.Module, dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype `model` runs in under a runtime dtype: a VAE whose config sets `force_upcast` (SD's KL
+    VAE overflows in float16) stays float32 when the runtime is float16, as in diffusers."""
+    if dtype == mx.float16 and getattr(getattr(model, "config", None), "force_upcast", False):
+        return mx.float32
+    return dtype
+
+
+def parameter_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype of the model's floating-point parameters."""
+    return next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+
+
+def prepare(model: nn.Module, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
+    """Cast (see `compute_dtype`), evaluate and give `model` the kernel policy's ops; returns it.
+    `dtype=None` keeps the stored dtype; `kernels=None` takes the process's policy (`runtime`)."""
+    stored = parameter_dtype(model)
+    dtype = compute_dtype(model, dtype or stored)
+    if dtype != stored:
+        model.set_dtype(dtype)
+    model.eval()
+    mx.eval(model.parameters())
+    runtime.apply_kernels(model, dtype, kernels)
+    return model
+
+
+def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | None = None,
+                   kernels: str | None = None) -> nn.Module:
+    """Build the module from `config.json`, load `model.safetensors` strictly, then `prepare` it."""
     component_dir = Path(component_dir)
     if not component_dir.is_dir():
         raise WeightsError(f"{component_dir}: no such folder (expected a converted {component} folder)")
@@ -172,24 +193,20 @@ def load_component(component_dir: str | Path, component: str, dtype: mx.Dtype | 
             "reconvert with `mlx-sdxs convert`"
         )
     check_tensors(weights, model, str(path))
-    if dtype is not None:
-        weights = {k: v.astype(dtype) for k, v in weights.items()}  # all floating point: checked above
     model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
+    return prepare(model, dtype, kernels)
 
 
-def load_unet(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+def load_unet(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
     """Load a converted UNet folder (`weights/<name>/unet`)."""
-    return load_component(path, "unet", dtype)
+    return load_component(path, "unet", dtype, kernels)
 
 
-def load_vae(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+def load_vae(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
     """Load a converted VAE folder: AutoencoderTiny or AutoencoderKL, as its config says."""
-    return load_component(path, "vae", dtype)
+    return load_component(path, "vae", dtype, kernels)
 
 
-def load_text_encoder(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
+def load_text_encoder(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
     """Load a converted CLIP text encoder folder."""
-    return load_component(path, "text_encoder", dtype)
+    return load_component(path, "text_encoder", dtype, kernels)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import cv2
 import numpy as np
 import pytest
 
-from mlx_sdxs.backends.base import center_crop_resize
 from mlx_sdxs.camera.sources import Pacer
+from mlx_sdxs.frames import fit
 
 
 @pytest.fixture(autouse=True)
@@ -83,9 +84,10 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, render_size: int = 64, cost_s: float = 0.0, fail_at: int | None = None,
+    def __init__(self, render_size: int | tuple[int, int] = 64, cost_s: float = 0.0, fail_at: int | None = None,
                  on_frame: Callable[[int], None] | None = None, label: str | None = None):
-        self.render_size, self.cost_s, self.fail_at, self.on_frame = render_size, cost_s, fail_at, on_frame
+        self.render_size = (render_size, render_size) if isinstance(render_size, int) else tuple(render_size)
+        self.cost_s, self.fail_at, self.on_frame = cost_s, fail_at, on_frame
         if label is not None:
             self.label = label
         self.profile_stages = False
@@ -93,14 +95,29 @@ class FakeBackend:
         self.processed: list[int] = []
         self.spans: list[tuple[float, float]] = []  # (start, end) of each process call
         self.prompts: list[str] = []
+        self.requests: list[tuple[str, object]] = []
         self.threads: set[str] = set()
         self.warmed = False
         self.closed = False
         self.failed_at: float | None = None
 
-    def set_prompt(self, prompt: str) -> None:
+    def set_prompt(self, prompt: str | None, prompt_b: str | None = None, blend: float | None = None) -> None:
         self.threads.add(threading.current_thread().name)
         self.prompts.append(prompt)
+        if prompt_b is not None or blend is not None:
+            self.requests.append(("prompt_b", (prompt_b, blend)))
+
+    def set_prompt_blend(self, blend: float) -> None:
+        self.requests.append(("prompt_blend", blend))
+
+    def set_feedback(self, feedback: float) -> None:
+        self.requests.append(("feedback", feedback))
+
+    def set_seed_blend(self, blend: float) -> None:
+        self.requests.append(("seed_blend", blend))
+
+    def worker(self):
+        return nullcontext()
 
     def warmup(self) -> None:
         self.threads.add(threading.current_thread().name)
@@ -116,7 +133,7 @@ class FakeBackend:
         seq = read_stamp(frame_bgr)
         if self.cost_s:
             time.sleep(self.cost_s)
-        out = 255 - center_crop_resize(frame_bgr, self.render_size)
+        out = 255 - fit(frame_bgr, self.render_size)
         stamp(out, seq)
         self.processed.append(seq)
         self.spans.append((start, time.perf_counter()))

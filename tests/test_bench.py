@@ -29,6 +29,8 @@ def _bench(tmp_path: Path, backends: str) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = out.glob("bench-*.json")
     assert report.with_suffix(".md").is_file() and report.with_suffix(".png").is_file()
+    assert report.with_name(report.stem + "-fps.png").is_file()
+    assert "nan" not in report.with_suffix(".md").read_text().lower()
     return json.loads(report.read_text())
 
 
@@ -47,13 +49,19 @@ def test_bench_reports_every_stage_and_the_loop(tmp_path):
         assert entry["loop"]["inferred"] >= 2 and entry["loop_fps"] > 0
         assert entry["unet_gflop"] > 0
     assert results["mlx"]["time_vs_mlx"] == 1.0
-    assert report["system"]["mlx_blas"]
+    assert report["system"]["mlx_blas"] and report["system"]["dtype"] and report["system"]["kernels"]
+    assert report["system"]["kernels"] in results["mlx"]["backend"]  # e.g. "mlx-cpu (float32, cpu kernels)"
+    primitives = report["primitives"]["64"]
+    assert primitives["policy"] == "portable" and primitives["dtype"] == "float16"
+    assert 0 < primitives["unet"] < primitives["frame"]
 
 
 def test_bench_without_mlx_compares_against_the_first_backend_that_ran(tmp_path):
     results = _bench(tmp_path, "onnx,torch")["sizes"]["64"]
     assert "skipped" in results["onnx"]  # ONNX export refuses a 64-pixel render size, with the reason
     assert results["torch"]["time_vs_mlx"] == 1.0
+    table = next((tmp_path / "out").glob("bench-*.md")).read_text()
+    assert "| 64 | onnx | —" in table and "- onnx @ 64: ConfigError: --render-size sides must be" in table
 
 
 def test_bench_refuses_an_images_folder_without_images(tmp_path):

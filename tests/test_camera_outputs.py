@@ -1,24 +1,25 @@
-"""Display composition, overlays, keys, EMA/blend, video/PNG outputs, MJPEG preview, prompt files."""
+"""Display composition, overlays, keys, EMA/blend per tick, video/PNG outputs, the broadcast, prompt files."""
 
 from __future__ import annotations
 
-import socket
-import urllib.error
-import urllib.request
+import asyncio
+import threading
 
 import cv2
 import numpy as np
 import pytest
 from fake_backend import count_video_frames, no_leaked_threads  # noqa: F401 (autouse fixture)
 
-from mlx_sdxs.backends.base import center_crop_resize
-from mlx_sdxs.camera.display import (DisplayStage, FramesWriter, OutputError, VideoRecorder, compose_frame,
-                                     display_available, draw_banner)
-from mlx_sdxs.camera.loop import LoopControl, Result
-from mlx_sdxs.camera.preview import BOUNDARY, PreviewServer
+from mlx_sdxs.camera.broadcast import Broadcast
+from mlx_sdxs.camera.display import (DisplayStage, FramesWriter, OutputError, StatusLine, VideoRecorder,
+                                     compose_frame, display_available, draw_banner, h264_available)
+from mlx_sdxs.camera.loop import LoopControl, Result, Tick
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
 from mlx_sdxs.camera.sources import SyntheticSource
 from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.frames import fit
+
+pytestmark = pytest.mark.policy_independent  # see pyproject.toml
 
 
 @pytest.fixture
@@ -40,8 +41,8 @@ def test_composed_frame_halves_and_overlay(tmp_path, camera_frame, ai_frame):
     saved = cv2.imread(str(path))
 
     assert plain.shape == saved.shape == (160, 320, 3)
-    assert np.array_equal(plain[:, :160], center_crop_resize(camera_frame, 160))  # same crop as the backend
-    assert np.array_equal(plain[:, 160:], center_crop_resize(ai_frame, 160))
+    assert np.array_equal(plain[:, :160], fit(camera_frame, 160))  # same crop as the backend
+    assert np.array_equal(plain[:, 160:], fit(ai_frame, 160))
     assert np.mean(np.abs(plain[:, :160].astype(int) - plain[:, 160:])) > 20
     changed = np.any(saved != plain, axis=2)
     rows = np.flatnonzero(changed.any(axis=1))
@@ -55,7 +56,7 @@ def test_blend_mixes_the_camera_into_the_ai_half(camera_frame, ai_frame):
     full = compose_frame(camera_frame, ai_frame, 96, blend=1.0)
     assert np.array_equal(full[:, 96:], full[:, :96])
     half = compose_frame(camera_frame, ai_frame, 96, blend=0.5).astype(int)
-    expected = (center_crop_resize(camera_frame, 96).astype(int) + center_crop_resize(ai_frame, 96)) / 2
+    expected = (fit(camera_frame, 96).astype(int) + fit(ai_frame, 96)) / 2
     assert np.max(np.abs(half[:, 96:] - expected)) <= 1
 
 
@@ -65,23 +66,29 @@ def test_banner_works_on_any_channel_order():
     assert out is image and np.array_equal(out[..., 0], out[..., 2])
 
 
-def _result(ai_value: int, seq: int = 1) -> Result:
-    return Result(seq, 0.0, np.full((48, 64, 3), 10, np.uint8), np.full((32, 32, 3), ai_value, np.uint8), False)
+def _tick(ai_value: int, seq: int = 1, new: bool = True) -> Tick:
+    camera = np.full((48, 64, 3), 10, np.uint8)
+    return Tick(camera, seq, Result(seq, 0.0, camera, np.full((32, 32, 3), ai_value, np.uint8)), new)
 
 
 def test_display_stage_ema_keys_and_save(tmp_path):
     control = LoopControl()
     display = DisplayStage(output_size=32, prompts=list(GALLERY), ema=0.4, save_dir=tmp_path / "saved",
-                           overlay=False)
-    display.present(_result(100), control)
-    display.present(_result(200, 2), control)
+                           overlay=False, prompt_b="a pencil sketch", prompt_blend=0.5, seed_blend=0.5)
+    display.present(_tick(100), control)
+    display.present(_tick(200, 2), control)
     assert np.all(np.abs(display.last_frame[:, 32:].astype(int) - (0.4 * 100 + 0.6 * 200)) <= 1)
+    display.present(_tick(200, 3, new=False), control)  # a camera tick: the EMA keeps easing towards 200
+    assert np.all(np.abs(display.last_frame[:, 32:].astype(int) - (0.16 * 100 + 0.84 * 200)) <= 1)
 
     display.handle_key(ord("n"), control)
-    assert control.take_prompt() == GALLERY[1]
+    assert control.take_requests() == {"prompt": GALLERY[1]}
     display.handle_key(ord("p"), control)
     display.handle_key(ord("p"), control)
-    assert control.take_prompt() == GALLERY[-1] and display.prompt_index == len(GALLERY) - 1
+    assert control.take_requests() == {"prompt": GALLERY[-1]} and display.prompt_index == len(GALLERY) - 1
+    display.handle_key(ord("]"), control)
+    display.handle_key(ord(","), control)
+    assert control.take_requests() == {"prompt_blend": 0.6, "seed_blend": 0.4}
     for key, attribute, value in (("+", "blend", 0.1), ("-", "blend", 0.0), ("-", "blend", 0.0),
                                   ("e", "ema", 0.5), ("d", "ema", 0.4)):
         display.handle_key(ord(key), control)
@@ -108,15 +115,35 @@ def test_display_overlay_names_fps_and_prompt():
 def test_video_recorder_writes_real_time_and_renames_at_close(tmp_path, camera_frame):
     path = tmp_path / "out.mp4"
     recorder = VideoRecorder(path, fps=10)
-    frame = compose_frame(camera_frame, camera_frame, 64)
+    assert recorder.codec == ("h264" if h264_available() else "mp4v")
+    frame = compose_frame(camera_frame, camera_frame[:63, :97], 64)  # odd width: H.264 drops a column
     for step in range(6):  # 0.55 s of display time at 10 FPS -> 6 frames (frame 0 at t=0)
         recorder.write(frame, 100.0 + step * 0.1 + (0.05 if step else 0.0))
     assert recorder.partial.exists() and not path.exists()  # never half-written under the final name
     recorder.close()
     assert path.exists() and not recorder.partial.exists()
     assert count_video_frames(path) == recorder.frames_written == 6
+    capture = cv2.VideoCapture(str(path))
+    width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+    capture.release()
+    assert (width, height) == recorder.size and recorder.size[1] == 64
     with pytest.raises(OutputError, match=r"--record .*clip.avi: use a .mp4"):
         VideoRecorder(tmp_path / "clip.avi", fps=10)
+
+
+@pytest.mark.skipif(not h264_available(), reason="PyAV with libx264 (the studio extra) is not installed")
+def test_recording_is_h264_and_plays_up_to_a_hard_kill(tmp_path, camera_frame):
+    """Fragmented MP4: even the hidden partial file of a killed process plays up to its last fragment."""
+    import av
+
+    recorder = VideoRecorder(tmp_path / "clip.mp4", fps=10, every_frame=True)
+    for step in range(40):
+        recorder.write(fit(camera_frame, (64, 48)), float(step))
+    with av.open(str(recorder.partial)) as container:  # not closed yet: what a SIGKILL would leave
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in container.decode(video=0)) > 0
+    recorder.close()
+    assert count_video_frames(tmp_path / "clip.mp4") == 40
 
 
 def test_frames_writer_numbers_pngs(tmp_path):
@@ -127,44 +154,48 @@ def test_frames_writer_numbers_pngs(tmp_path):
 
 
 @pytest.mark.timeout(20)
-def test_mjpeg_preview_serves_decodable_jpegs_on_localhost(camera_frame):
-    preview = PreviewServer(0)
-    try:
-        assert preview.url.startswith("http://127.0.0.1:")
-        preview.write(camera_frame)
-        with urllib.request.urlopen(preview.url + "frame.jpg", timeout=5) as response:
-            assert response.headers["Content-Type"] == "image/jpeg"
-            jpeg = response.read()
-        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        assert image.shape == camera_frame.shape
-        assert np.mean(np.abs(image.astype(int) - camera_frame)) < 8
+def test_broadcast_hands_out_the_newest_frame_lazily_to_thread_and_async_viewers(camera_frame):
+    broadcast = Broadcast("display")
+    assert broadcast.next(0, 0.01) is None  # nothing yet
+    for value in (10, 20, 30):
+        broadcast.write(np.full((32, 32, 3), value, np.uint8))
+    seq, jpeg = broadcast.next(0, 1)
+    assert seq == 3 and abs(int(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).mean()) - 30) <= 2
+    assert broadcast.next(3, 0.01) is None  # never the same frame twice
 
-        with urllib.request.urlopen(preview.url + "stream.mjpg", timeout=5) as stream:
-            assert stream.headers["Content-Type"] == f"multipart/x-mixed-replace; boundary={BOUNDARY}"
-            assert stream.readline() == f"--{BOUNDARY}\r\n".encode()
-            headers = {}
-            while (line := stream.readline().strip()):
-                key, _, value = line.decode().partition(": ")
-                headers[key] = value
-            part = stream.read(int(headers["Content-Length"]))
-        assert cv2.imdecode(np.frombuffer(part, np.uint8), cv2.IMREAD_COLOR).shape == camera_frame.shape
+    async def viewer():
+        waiting = asyncio.ensure_future(broadcast.next_async(3, 5))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=broadcast.write, args=(camera_frame,)).start()
+        return await waiting
 
-        with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(preview.url + "nothing", timeout=5)
-    finally:
-        preview.close()
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", preview.port), timeout=1).close()
+    seq, jpeg = asyncio.run(viewer())
+    assert seq == 4 and cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == camera_frame.shape
+    broadcast.close()
+    assert broadcast.next(4, 5) is None and asyncio.run(broadcast.next_async(4, 5)) is None
 
 
-@pytest.mark.timeout(20)
-def test_preview_port_in_use_is_a_clear_error():
-    preview = PreviewServer(0)
-    try:
-        with pytest.raises(SDXSError, match=f"--preview-port {preview.port}: cannot listen on 127.0.0.1"):
-            PreviewServer(preview.port)
-    finally:
-        preview.close()
+def test_status_line_refreshes_in_place_on_a_terminal_and_every_10_s_in_a_log(capsys):
+    import io
+
+    from mlx_sdxs.camera.loop import LoopStats
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stats = LoopStats()
+    stats.inferred = 7
+    terminal, log = Terminal(), io.StringIO()
+    tty_line, log_line = StatusLine(terminal), StatusLine(log)
+    assert (tty_line.every_s, log_line.every_s) == (0.5, 10.0)
+    for now in (1e9, 1e9 + 5, 1e9 + 20):
+        tty_line.update(stats, now)
+        log_line.update(stats, now)
+    tty_line.close()
+    assert terminal.getvalue().count("\r\x1b[2K") == 3 and terminal.getvalue().endswith("\n")
+    assert log.getvalue().count("mlx-sdxs: AI 0.00 FPS | display 0.0 FPS") == 2  # 1e9 and 1e9+20, not +5
+    assert "frames 7" in log.getvalue()
 
 
 def test_prompt_file_skips_comments_and_names_bad_lines(tmp_path):

@@ -14,6 +14,8 @@ from mlx_sdxs.camera.loop import run_loop
 from mlx_sdxs.camera.sources import CameraSource, SyntheticSource, VideoFileSource, open_source, validate_frame
 from mlx_sdxs.errors import ImageError, SourceError
 
+pytestmark = pytest.mark.policy_independent  # see pyproject.toml
+
 
 def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16))))

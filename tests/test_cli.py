@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from mlx_sdxs import runtime
 from mlx_sdxs.cli import main
+from oracle import expected_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +69,18 @@ def test_download_offline_with_empty_cache_is_one_clear_line(tmp_path):
     assert "IDKiro/sdxs-512-0.9" in result.stderr and "--model" in result.stderr
 
 
-def test_info_names_device_and_blas():
+def test_info_names_device_dtype_and_kernel_policy():
     result = run_cli("info")
     assert result.returncode == 0, result.stderr
-    assert "BLAS:" in result.stdout and "device:" in result.stdout
+    assert "device:" in result.stdout and "default dtype" in result.stdout
+    assert f"kernels: {expected_ops(runtime.default_dtype())} (policy " in result.stdout
+    assert "kernels: portable (policy portable" in run_cli("info", "--kernels", "portable").stdout
+    assert "kernels: portable (policy portable" in run_cli("info", env={"MLX_SDXS_KERNELS": "portable"}).stdout
+    bad = run_cli("info", env={"MLX_SDXS_KERNELS": "fast"})
+    assert bad.returncode == 1 and "MLX_SDXS_KERNELS='fast' is not a kernel policy" in bad.stderr
+    if runtime.on_gpu():
+        pytest.skip("BLAS and CPU-kernel lines are printed on the CPU only")
+    assert "BLAS:" in result.stdout and "native CPU kernels:" in result.stdout
     assert "fused CPU kernels: compiled with" in result.stdout or "fused CPU kernels: uncompiled" in result.stdout
 
 
@@ -78,7 +88,9 @@ def test_info_names_device_and_blas():
     "argv, expected",
     [
         (["img2img", "x.png", "--prompt", "p", "--strength", "2"], "--strength must be in [0.02, 1.0]"),
-        (["txt2img", "--prompt", "p", "--size", "100"], "multiple of 64"),
+        (["txt2img", "--prompt", "p", "--size", "100"], "multiples of 64"),
+        (["txt2img", "--prompt", "p", "--size", "512x100"], "multiples of 64"),
+        (["txt2img", "--prompt", "p", "--kernels", "gpu"], "invalid choice: 'gpu'"),
         (["camera", "--render-size", "7"], "--render-size must be"),
         (["txt2img", "--prompt", "p", "--bogus"], "unrecognized arguments: --bogus"),
     ],
@@ -90,20 +102,61 @@ def test_argument_errors_name_the_flag_and_range(argv, expected, capsys):
     assert expected in capsys.readouterr().err
 
 
-@pytest.mark.timeout(120)
-def test_camera_headless_records_synthetic_source(tmp_path):
-    video = tmp_path / "session.mp4"
-    result = run_cli("camera", "--model", "random-tiny", "--source", "synthetic", "--headless", "--render-size", "128",
-                     "--output-size", "64", "--max-frames", "6", "--record", str(video), "--record-every-frame", "--similarity-threshold", "0")
-    assert result.returncode == 0, result.stderr
-    assert "RANDOM WEIGHTS" in result.stderr
-    capture = cv2.VideoCapture(str(video))
-    frames = 0
+def _video(path) -> tuple[int, tuple[int, int]]:
+    capture = cv2.VideoCapture(str(path))
+    frames, shape = 0, None
     while True:
         ok, frame = capture.read()
         if not ok:
             break
-        frames += 1
-        shape = frame.shape
+        frames, shape = frames + 1, frame.shape[:2]
     capture.release()
-    assert frames == 6 and shape[0] == 64
+    return frames, shape
+
+
+@pytest.mark.timeout(120)
+def test_camera_headless_records_synthetic_source(tmp_path):
+    video = tmp_path / "session.mp4"
+    result = run_cli("camera", "--model", "random-tiny", "--source", "synthetic", "--headless", "--render-size", "128",
+                     "--output-size", "64", "--max-frames", "6", "--record", str(video), "--record-every-frame",
+                     "--similarity-threshold", "0")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM WEIGHTS" in result.stderr
+    assert "AI " in result.stdout and "display " in result.stdout
+    assert _video(video) == (6, (128, 128))  # the AI view, at the render size
+
+
+@pytest.mark.timeout(180)
+def test_camera_512x384_records_a_512x384_mp4(tmp_path):
+    """Any aspect end to end: a 4:3 render size, crop to the aspect, latents of that shape, the recording."""
+    video = tmp_path / "wide.mp4"
+    result = run_cli("camera", "--model", "random-tiny", "--source", "synthetic", "--headless",
+                     "--render-size", "512x384", "--max-frames", "4", "--record", str(video), "--record-every-frame",
+                     "--similarity-threshold", "0", "--capture-size", "320x240")
+    assert result.returncode == 0, result.stderr
+    assert "at 512x384" in result.stderr
+    assert _video(video) == (4, (384, 512))
+    whole = tmp_path / "window.mp4"
+    result = run_cli("camera", "--model", "random-tiny", "--source", "synthetic", "--headless", "--render-size",
+                     "512x384", "--max-frames", "2", "--record", str(whole), "--record-every-frame",
+                     "--record-view", "display", "--output-size", "192")
+    assert result.returncode == 0, result.stderr
+    assert _video(whole) == (2, (192, 512))  # camera | AI, each 256×192
+
+
+@pytest.mark.parametrize("backend", ["mlx", *(pytest.param(name, marks=pytest.mark.policy_independent)
+                                              for name in ("torch", "onnx", "coreml"))])
+@pytest.mark.timeout(600)
+def test_every_backend_without_model_starts_or_explains_itself(backend, tmp_path):
+    """No --model: the default model, which offline and uncached falls back to labelled random weights."""
+    if backend != "mlx":
+        pytest.importorskip("torch", reason="the comparison backends need the reference extra")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf"), "MLX_SDXS_WEIGHTS": str(tmp_path / "w")}
+    result = run_cli("camera", "--backend", backend, "--source", "synthetic", "--headless", "--render-size", "256",
+                     "--max-frames", "1", "--similarity-threshold", "0", env=env, timeout=580)
+    assert "Traceback" not in result.stderr
+    if backend == "coreml" and sys.platform != "darwin":
+        assert result.returncode == 1 and "CoreML prediction only exists on macOS" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RANDOM WEIGHTS" in result.stderr and "displayed 1" in result.stdout

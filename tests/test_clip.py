@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +24,7 @@ import mlx_sdxs
 from mlx_sdxs.errors import ConfigError
 from mlx_sdxs.models.clip import CLIPTextConfig
 from mlx_sdxs.weights import build_model, map_key
-from oracle import assert_parity, randomize_, save_and_convert
+from oracle import assert_parity, cached, expected_ops, ops_name, randomize_, save_and_convert
 
 FP16_RTOL = 1e-2
 
@@ -49,41 +50,63 @@ def _prompt_ids(vocab_size: int, batch: int, length: int, seed: int = 1) -> np.n
     return ids
 
 
-def _check(config: dict, tmp_path, batch: int = 2, length: int = 77, dtype: str = "float32", rtol: float = 1e-4):
-    """Run transformers and MLX on the same seeded weights and ids; returns (relative error, seconds per MLX call)."""
-    vocab = config["vocab_size"]
-    torch_config = TorchCLIPTextConfig(**config, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    torch_model = randomize_(TorchCLIPTextModel(torch_config), seed=0)
-    ids = _prompt_ids(config["vocab_size"], batch, length)
-    with torch.no_grad():
-        expected = torch_model(torch.from_numpy(ids)).last_hidden_state
-    folder = save_and_convert(torch_model, tmp_path, "text_encoder", dtype)
-    del torch_model  # full-size configs: keep torch and MLX weights from coexisting
-    gc.collect()
+def _reference(config: dict, batch: int, length: int, dtype: str) -> Path:
+    """transformers' output on seeded weights and ids, and those weights converted (cached, see `oracle`)."""
 
-    mlx_model = mlx_sdxs.load_text_encoder(folder)
-    out = mlx_model(mx.array(ids))
+    def build(folder: Path) -> None:
+        vocab = config["vocab_size"]
+        torch_config = TorchCLIPTextConfig(**config, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                           pad_token_id=vocab - 1)
+        torch_model = randomize_(TorchCLIPTextModel(torch_config), seed=0)
+        ids = _prompt_ids(vocab, batch, length)
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(ids)).last_hidden_state
+        np.savez(folder / "io.npz", ids=ids, expected=expected.numpy())
+        save_and_convert(torch_model, folder, "text_encoder", dtype, keep_source=False)
+        del torch_model  # full-size configs: keep torch and MLX weights from coexisting
+        gc.collect()
+
+    return cached({"clip": config, "batch": batch, "length": length, "dtype": dtype}, build)
+
+
+def _check(config: dict, batch: int = 2, length: int = 77, dtype: str = "float32", rtol: float = 1e-4,
+           run_dtype: str | None = None, kernels: str | None = None):
+    """Run MLX on the weights and ids transformers ran; returns (relative error, seconds per MLX call)."""
+    folder = _reference(config, batch, length, dtype)
+    io = np.load(folder / "io.npz")
+    mx_dtype = getattr(mx, run_dtype or dtype)
+    mlx_model = mlx_sdxs.load_text_encoder(folder / "text_encoder-mlx", mx_dtype, kernels)
+    assert ops_name(mlx_model) == (kernels or expected_ops(mx_dtype))
+    ids = mx.array(io["ids"])
+    out = mlx_model(ids)
     mx.eval(out)
-    assert out.dtype == getattr(mx, dtype)
-    err = assert_parity(np.array(out.astype(mx.float32)), expected, rtol=rtol, what="last_hidden_state")
+    assert out.dtype == mx_dtype
+    err = assert_parity(np.array(out.astype(mx.float32)), io["expected"], rtol=rtol, what="last_hidden_state")
     start = time.perf_counter()
-    mx.eval(mlx_model(mx.array(ids)))
+    mx.eval(mlx_model(ids))
     return err, time.perf_counter() - start
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
-def test_small_config_parity(hidden_act, tmp_path):
-    _check({**SMALL, "hidden_act": hidden_act}, tmp_path)
+def test_small_config_parity(hidden_act):
+    _check({**SMALL, "hidden_act": hidden_act})
 
 
-def test_short_sequence_single_prompt(tmp_path):
-    _check({**SMALL, "hidden_act": "gelu", "num_attention_heads": 2}, tmp_path, batch=1, length=9)
+def test_short_sequence_single_prompt():
+    _check({**SMALL, "hidden_act": "gelu", "num_attention_heads": 2}, batch=1, length=9)
 
 
-def test_fp16_weights(tmp_path):
+def test_fp16_weights():
     """fp16 weights and activations (the causal mask is built inside the attention kernel, safe in fp16)."""
-    err, _ = _check({**SMALL, "hidden_act": "quick_gelu"}, tmp_path, dtype="float16", rtol=FP16_RTOL)
+    err, _ = _check({**SMALL, "hidden_act": "quick_gelu"}, dtype="float16", rtol=FP16_RTOL)
     print(f"fp16 relative error {err:.2e}")
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
+def test_portable_float16_matches_the_float32_oracle(hidden_act):
+    """As a GPU runs it: float32 weights cast to float16, portable kernels (measured ~2e-3 relative)."""
+    err, _ = _check({**SMALL, "hidden_act": hidden_act}, run_dtype="float16", kernels="portable", rtol=FP16_RTOL)
+    print(f"portable float16 relative error {err:.2e}")
 
 
 def test_attention_is_causal():
@@ -131,20 +154,20 @@ def test_too_long_input_is_refused():
         model(mx.zeros((1, 78), dtype=mx.int32))
 
 
-def _full_size(shared_dir, tmp_path, checkpoint: str):
+def _full_size(shared_dir, checkpoint: str):
     config = json.loads((shared_dir / "configs" / checkpoint / "text_encoder" / "config.json").read_text())
     config = {k: config[k] for k in ("hidden_act", *SMALL)}
-    err, seconds = _check(config, tmp_path, batch=1)
+    err, seconds = _check(config, batch=1)
     print(f"{checkpoint}: relative error {err:.2e}, MLX fp32 forward at 77 tokens {seconds * 1000:.0f} ms")
 
 
 @pytest.mark.slow
-def test_clip_h_full_size(shared_dir, tmp_path):
+def test_clip_h_full_size(shared_dir):
     """CLIP-H text encoder (1024 wide, 23 layers, gelu) of SDXS-512-0.9 and SD-Turbo."""
-    _full_size(shared_dir, tmp_path, "sdxs-512-0.9")
+    _full_size(shared_dir, "sdxs-512-0.9")
 
 
 @pytest.mark.slow
-def test_clip_l_full_size(shared_dir, tmp_path):
+def test_clip_l_full_size(shared_dir):
     """CLIP-L text encoder (768 wide, 12 layers, quick_gelu) of SDXS-512-DreamShaper."""
-    _full_size(shared_dir, tmp_path, "sdxs-512-dreamshaper")
+    _full_size(shared_dir, "sdxs-512-dreamshaper")

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from checkpoints import assert_pixels_close, build_checkpoint, camera_frames
-from mlx_sdxs.backends.base import RecipeSettings
-from mlx_sdxs.backends.numpy_recipe import ExportManifest
+from mlx_sdxs.backends.exported import ExportManifest
 from mlx_sdxs.errors import BackendUnavailable, ConfigError
+from mlx_sdxs.recipe import RecipeSettings
 
 ct = pytest.importorskip("coremltools")
-from convert import Graph  # noqa: E402  (imports torch + diffusers; after the skip)
-from convert.coreml import convert_graph, export_coreml  # noqa: E402
+from mlx_sdxs.export import Graph  # noqa: E402  (imports torch + diffusers; after the skip)
+from mlx_sdxs.export.coreml import convert_graph, export_coreml  # noqa: E402
+
+pytestmark = pytest.mark.policy_independent  # see pyproject.toml
 
 ON_MACOS = platform.system() == "Darwin"
 ARRAY_TYPES = ct.proto.FeatureTypes_pb2.ArrayFeatureType
@@ -43,7 +45,7 @@ def features(spec, which: str) -> dict[str, tuple[list[int], int]]:
 
 def test_export_writes_ml_programs_with_the_expected_interface(packages, checkpoint):
     manifest = ExportManifest.load(packages, "coreml")
-    assert manifest.render_size == 256 and manifest.precision == "float16"
+    assert manifest.render_size == [256, 256] and manifest.precision == "float16"
     assert manifest.checkpoint == str(checkpoint.resolve())
     expected = {
         "unet": ({"sample": ([1, 4, 32, 32], FLOAT32), "timestep": ([1], FLOAT32),
@@ -63,29 +65,29 @@ def test_export_writes_ml_programs_with_the_expected_interface(packages, checkpo
 
 
 def test_export_rejects_unsupported_render_sizes(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="--render-size must be a multiple of 64 from 256 to 1024, got 300"):
+    with pytest.raises(ConfigError, match="--render-size sides must be multiples of 64 from 256 to 1024, got 300x300"):
         export_coreml(checkpoint, tmp_path / "out", render_size=300)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(ON_MACOS, reason="checks the off-macOS refusal")
 def test_backend_off_macos_refuses_before_loading_anything(tmp_path):
-    from mlx_sdxs.backends.coreml import CoreMLBackend
+    from mlx_sdxs.backends.coreml import coreml_stream
 
     with pytest.raises(BackendUnavailable, match=r"^CoreML prediction only exists on macOS; conversion works here: "
-                                                  r"python -m convert\.coreml"):
-        CoreMLBackend(tmp_path / "does-not-exist", RecipeSettings())
+                                                  r"mlx-sdxs export coreml"):
+        coreml_stream(tmp_path / "does-not-exist", RecipeSettings())
 
 
 @pytest.mark.skipif(not ON_MACOS, reason="coremltools can only predict on macOS")
 def test_coreml_backend_matches_torch(checkpoint, tmp_path):
-    from mlx_sdxs.backends.coreml import CoreMLBackend
-    from mlx_sdxs.backends.torch_backend import TorchBackend
+    from mlx_sdxs.backends.coreml import coreml_stream
+    from mlx_sdxs.backends.torch_backend import torch_stream
 
     settings = RecipeSettings(render_size=256)
     packages = export_coreml(checkpoint, tmp_path / "fp32", render_size=256, precision="float32")
-    coreml = CoreMLBackend(packages, settings, compute_units="CPU_ONLY", prompt="a neon city")
-    reference = TorchBackend(checkpoint, settings, prompt="a neon city")
+    coreml = coreml_stream(packages, settings, "a neon city", compute_units="CPU_ONLY")
+    reference = torch_stream(checkpoint, settings, prompt="a neon city")
     for i, frame in enumerate(camera_frames(5)):
         assert_pixels_close(coreml.process(frame), reference.process(frame), f"CoreML vs torch, frame {i}")
     coreml.close()
@@ -93,10 +95,10 @@ def test_coreml_backend_matches_torch(checkpoint, tmp_path):
 
 @pytest.mark.skipif(not ON_MACOS, reason="coremltools can only predict on macOS")
 def test_coreml_backend_runs_fp16_on_every_compute_unit(packages):
-    from mlx_sdxs.backends.coreml import CoreMLBackend
+    from mlx_sdxs.backends.coreml import coreml_stream
 
     for units in ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY"):
-        backend = CoreMLBackend(packages, RecipeSettings(render_size=256), compute_units=units, prompt="a cat")
+        backend = coreml_stream(packages, RecipeSettings(render_size=256), "a cat", compute_units=units)
         out = backend.process(camera_frames(1)[0])
         assert out.shape == (256, 256, 3), units
         backend.close()

@@ -39,7 +39,8 @@ from mlx_sdxs.cli import main
 from mlx_sdxs.convert import convert_checkpoint
 from mlx_sdxs.errors import ConfigError, ImageError, SourceError, WeightsError
 from mlx_sdxs.imageio import read_image
-from mlx_sdxs.pipeline import PRESETS, SDXSPipeline
+from mlx_sdxs.pipeline import SDXSPipeline
+from mlx_sdxs.presets import FOLDER as PRESETS
 
 TIME_LIMIT_S = 2.0
 TINY = ("--model", "random-tiny", "--size", "64")
@@ -365,7 +366,7 @@ def _camera_row(*extra: object, backend: Callable[[Env], FakeBackend] | None = N
     def arrange(env: Env):
         if backend is not None:
             made = backend(env)
-            env.monkeypatch.setattr("mlx_sdxs.cli.make_camera_backend", lambda args: made)
+            env.monkeypatch.setattr("mlx_sdxs.cli.open_stream_backend", lambda args: made)
         return cli(*CAMERA, *[a.format(tmp=env.tmp) if isinstance(a, str) else a for a in extra])
 
     return arrange
@@ -414,7 +415,7 @@ def _unreadable_video(env: Env):
 def _video(loop: bool):
     def arrange(env: Env):
         source = open_source(str(short_video(env.tmp / "clip.mp4")), fps=0, loop=loop)
-        return lambda: run_loop(source, FakeBackend(), None, max_frames=None if not loop else 14)
+        return lambda: run_loop(source, FakeBackend(), None, max_results=None if not loop else 14)
 
     return arrange
 
@@ -566,7 +567,7 @@ ROWS = [
     Row("video-unreadable", _unreadable_video, SourceError, ("video file {tmp}/broken.mp4 cannot be read",)),
     Row("video-ends-and-stops", _video(loop=False), None,
         then=_stopped("source ended", lambda captured: captured == 6)),
-    Row("video-ends-and-loops", _video(loop=True), None, then=_stopped("max frames", lambda captured: captured >= 14)),
+    Row("video-ends-and-loops", _video(loop=True), None, then=_stopped("max results", lambda captured: captured >= 14)),
     # --- runtime ---
     Row("backend-raises-mid-stream",
         _camera_row("--record", "{tmp}/session.mp4", "--similarity-threshold", "0", backend=_failing_backend), 1,
@@ -595,7 +596,7 @@ ROWS = [
     Row("cli-blend-out-of-range", lambda env: cli("camera", "--blend", "3"), 2,
         ("--blend must be in [0.0, 1.0], got 3",)),
     Row("cli-size-not-a-multiple-of-64", lambda env: cli("txt2img", "--prompt", "p", "--size", "100"), 2,
-        ("size must be a multiple of 64", "got 100")),
+        ("size sides must be multiples of 64", "got 100")),
     Row("hub-model-not-cached-offline",
         lambda env: cli("txt2img", "--prompt", "p", "--model", "nobody/no-such-model", "--offline",
                         "--weights-dir", env.tmp / "weights"), 1,

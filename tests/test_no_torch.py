@@ -23,11 +23,10 @@ def test_mlx_inference_imports_no_oracle(tmp_path):
         import numpy as np
         import mlx_sdxs
         from mlx_sdxs.pipeline import SDXSPipeline
-        from mlx_sdxs.backends.base import RecipeSettings
-        from mlx_sdxs.backends.mlx_backend import MLXBackend
+        from mlx_sdxs.recipe import RecipeSettings
         pipe = SDXSPipeline.from_weights({str(converted)!r})
         assert pipe.txt2img("a cat", size=64).shape == (64, 64, 3)
-        backend = MLXBackend(pipe, RecipeSettings(render_size=64), "a cat")
+        backend = pipe.stream(RecipeSettings(render_size=64), "a cat")
         assert backend.process(np.zeros((48, 80, 3), np.uint8)).shape == (64, 64, 3)
         unet = mlx_sdxs.load_unet({str(converted / "unet")!r})
         tok = mlx_sdxs.load_tokenizer({str(converted / "tokenizer")!r})
@@ -37,3 +36,45 @@ def test_mlx_inference_imports_no_oracle(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+IMPORT_RULES = {
+    # module: packages it must not load (the layers of docs/ARCHITECTURE.md)
+    "mlx_sdxs": ("cv2", "mlx_sdxs.camera", "mlx_sdxs.backends", "mlx_sdxs.pipeline", *ORACLES),
+    "mlx_sdxs.pipeline": ("cv2", "mlx_sdxs.camera", "mlx_sdxs.backends", "mlx_sdxs.studio", *ORACLES),
+    "mlx_sdxs.models.unet": ("cv2", "mlx_sdxs.runtime", "mlx_sdxs.weights", "mlx_sdxs.pipeline", *ORACLES),
+    "mlx_sdxs.recipe": ("cv2", "mlx.core", "mlx_sdxs.pipeline", "mlx_sdxs.camera", *ORACLES),
+    "mlx_sdxs.camera.app": ("mlx_sdxs.pipeline", "mlx_sdxs.studio", "starlette", "uvicorn", *ORACLES),
+    "mlx_sdxs.backends.torch_backend": ("mlx_sdxs.pipeline", "mlx_sdxs.camera"),
+}
+
+
+@pytest.mark.parametrize("module", IMPORT_RULES)
+def test_layers_do_not_reach_up(module):
+    """A fresh interpreter imports `module` and lists what came with it."""
+    if module == "mlx_sdxs.backends.torch_backend":
+        pytest.importorskip("torch")
+    script = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    bad = sorted(m for m in loaded for banned in IMPORT_RULES[module] if m == banned or m.startswith(banned + "."))
+    assert not bad, f"importing {module} loads {bad}"
+
+
+def test_models_import_only_mlx_numpy_and_errors():
+    """Every module of `mlx_sdxs.models` imports MLX, numpy, the standard library, the errors module and
+    its own siblings — nothing above (read from the source, so a lazy import inside a function counts)."""
+    import ast
+    from pathlib import Path
+
+    allowed_roots = {"mlx", "numpy", "__future__", "math", "dataclasses", "functools", "typing"}
+    folder = Path(__file__).resolve().parents[1] / "mlx_sdxs" / "models"
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                ok = name.split(".")[0] in allowed_roots or name == "mlx_sdxs.errors" or \
+                    name.startswith("mlx_sdxs.models")
+                assert ok, f"{path.name} imports {name}"

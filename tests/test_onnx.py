@@ -1,4 +1,4 @@
-"""ONNX export of the tiny SDXS-shaped checkpoint, and OnnxBackend vs TorchBackend on the same frames.
+"""ONNX export of the tiny SDXS-shaped checkpoint, and the ONNX Runtime engine vs torch on the same frames.
 
 Tolerance (fp32): pixels mean |Δ| ≤ 1/255, max ≤ 4/255; kept latents within 1e-4 relative.
 Runtime on 2 cores: ~25 s (export ~15 s at render size 256, the smallest the command accepts).
@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 
 from checkpoints import assert_pixels_close, build_checkpoint, camera_frames
-from convert.onnx import export_onnx
-from mlx_sdxs.backends.base import Backend, RecipeSettings
-from mlx_sdxs.backends.numpy_recipe import ExportManifest
-from mlx_sdxs.backends.onnx_backend import OnnxBackend
-from mlx_sdxs.backends.torch_backend import TorchBackend
+from mlx_sdxs.backends.base import Backend
+from mlx_sdxs.backends.exported import ExportManifest
+from mlx_sdxs.backends.onnx_backend import onnx_stream
+from mlx_sdxs.backends.torch_backend import torch_stream
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.export.onnx import export_onnx
+from mlx_sdxs.recipe import RecipeSettings
 from oracle import assert_parity
+
+pytestmark = pytest.mark.policy_independent  # see pyproject.toml
 
 pytest.importorskip("onnxruntime")
 SETTINGS = RecipeSettings(render_size=256, feedback=0.1, seed=7)
@@ -34,7 +37,7 @@ def test_export_writes_graphs_and_manifest(exported):
 
     _, onnx_dir = exported
     manifest = ExportManifest.load(onnx_dir, "onnx")
-    assert manifest.render_size == 256 and manifest.text_dim == 32 and manifest.latent_channels == 4
+    assert manifest.render_size == [256, 256] and manifest.text_dim == 32 and manifest.latent_channels == 4
     expected = {"unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
                 "vae_encoder": (["image"], ["latents"]), "vae_decoder": (["latents"], ["image"])}
     for component, (inputs, outputs) in expected.items():
@@ -42,15 +45,15 @@ def test_export_writes_graphs_and_manifest(exported):
         assert [i.name for i in session.get_inputs()] == inputs
         assert [o.name for o in session.get_outputs()] == outputs
         assert [list(i.shape) for i in session.get_inputs()] == list(manifest.inputs[component].values())
-    with pytest.raises(ConfigError, match="re-export with --render-size 320"):
-        OnnxBackend(onnx_dir, RecipeSettings(render_size=320))
+    with pytest.raises(ConfigError, match="exported for render size 256x256.*re-export with --render-size 320x256"):
+        onnx_stream(onnx_dir, RecipeSettings(render_size=(320, 256)))
 
 
 def test_onnx_backend_matches_torch(exported):
     checkpoint, onnx_dir = exported
     prompt = "a neon city at night"
-    onnx_backend = OnnxBackend(onnx_dir, SETTINGS, prompt=prompt)
-    torch_backend = TorchBackend(checkpoint, SETTINGS, prompt=prompt)
+    onnx_backend = onnx_stream(onnx_dir, SETTINGS, prompt=prompt)
+    torch_backend = torch_stream(checkpoint, SETTINGS, prompt=prompt)
     assert isinstance(onnx_backend, Backend)
     onnx_backend.warmup()
     for i, frame in enumerate(camera_frames(5)):
@@ -58,8 +61,10 @@ def test_onnx_backend_matches_torch(exported):
             onnx_backend.set_prompt("a pencil sketch")
             torch_backend.set_prompt("a pencil sketch")
         assert_pixels_close(onnx_backend.process(frame), torch_backend.process(frame), f"ONNX vs torch, frame {i}")
-        assert_parity(onnx_backend.previous_denoised, torch_backend.previous_denoised, what=f"latents, frame {i}")
-    np.testing.assert_allclose(onnx_backend.prompt_embeds, torch_backend.prompt_embeds, rtol=0, atol=1e-5)
+        assert_parity(onnx_backend.previous, torch_backend.previous, what=f"latents, frame {i}")
+    np.testing.assert_allclose(onnx_backend.embeds, torch_backend.embeds.numpy(), rtol=0, atol=1e-5)
+    onnx_backend.profile_stages = True
+    onnx_backend.process(camera_frames(1)[0])
     assert set(onnx_backend.last_stage_ms) == {"preprocess", "encode", "unet", "decode", "postprocess"}
     onnx_backend.close()
     onnx_backend.close()

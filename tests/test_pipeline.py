@@ -80,22 +80,24 @@ def test_prompt_embeddings_are_cached(mlx_pipe):
 
 
 def test_stream_feedback_and_morph_change_the_output(mlx_pipe):
-    from mlx_sdxs.backends.base import RecipeSettings
+    from mlx_sdxs.recipe import RecipeSettings
 
-    image = np.random.default_rng(1).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
-    import mlx.core as mx
-
-    frames = []
+    image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     stream = mlx_pipe.stream(RecipeSettings(render_size=SIZE, feedback=0.5), "a")
-    for _ in range(2):
-        frames.append(np.array(stream(mx.array(image))))
-    assert not np.allclose(frames[0], frames[1]), "feedback from the previous latent must change frame 2"
-    embeds_before = stream.embeds
+    frames = [stream.process(image) for _ in range(2)]
+    assert not np.array_equal(frames[0], frames[1]), "feedback from the previous latent must change frame 2"
+    embeds_before = np.array(stream.embeds)
     stream.set_prompt("b")
-    stream(mx.array(image))
-    moved = np.array(stream.embeds - embeds_before)
-    expected = 0.05 * np.array(stream.target - embeds_before)
+    stream.process(image)
+    moved = np.array(stream.embeds) - embeds_before
+    expected = 0.05 * (np.array(stream.target) - embeds_before)
     np.testing.assert_allclose(moved, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_square_txt2img_and_img2img(mlx_pipe):
+    image = np.random.default_rng(2).integers(0, 256, (50, 120, 3), dtype=np.uint8)
+    assert mlx_pipe.txt2img("x", size=(96, 64)).shape == (64, 96, 3)
+    assert mlx_pipe.img2img(image, "x", size=(96, 64)).shape == (64, 96, 3)
 
 
 def test_size_must_fit_the_unet(mlx_pipe):
@@ -103,6 +105,8 @@ def test_size_must_fit_the_unet(mlx_pipe):
 
     with pytest.raises(ImageError, match="multiple of 16"):
         mlx_pipe.txt2img("x", size=72)
+    with pytest.raises(ImageError, match="size 64x72"):
+        mlx_pipe.txt2img("x", size=(64, 72))
 
 
 def test_sdxs_strength_warning(mlx_pipe):

@@ -20,6 +20,8 @@ import mlx_sdxs
 from mlx_sdxs.errors import WeightsError
 from mlx_sdxs.tokenizer import CLIPTokenizer, _clip_pattern, load_tokenizer
 
+pytestmark = pytest.mark.policy_independent  # see pyproject.toml
+
 TINY = Path(__file__).parent / "fixtures" / "clip-tiny-tokenizer"
 
 

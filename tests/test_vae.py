@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from oracle import assert_parity, mlx_to_nchw, nchw_to_mlx, randomize_, save_and_convert
+from oracle import assert_parity, expected_ops, mlx_to_nchw, nchw_to_mlx, ops_name, randomize_, save_and_convert
 from safetensors.torch import load_file, save_file
 
 import mlx_sdxs
@@ -22,7 +22,7 @@ from mlx_sdxs.errors import ConfigError
 from mlx_sdxs.models.autoencoder_kl import KLVAEConfig
 from mlx_sdxs.models.taesd import TinyVAEConfig
 
-FP16_RTOL = 1e-2  # measured ~2e-3 on these configs
+FP16_RTOL = 1e-2  # measured ~2e-3 on these configs (fp16 weights, and the portable fp16 runs below)
 
 # The diffusers default AutoencoderTiny config, which is what SDXS-512 ships as its vae/config.json.
 SDXS_TAESD = {
@@ -98,8 +98,10 @@ def image(height: int, width: int, seed: int = 1) -> torch.Tensor:
 
 
 def check_encode_decode(reference, mlx_vae, pixels: torch.Tensor, latents: torch.Tensor,
-                        rtol: float = 1e-4, dtype: mx.Dtype = mx.float32) -> None:
-    """Encode `pixels` and decode `latents` with both models and compare each result."""
+                        rtol: float = 1e-4, dtype: mx.Dtype = mx.float32, kernels: str | None = None) -> None:
+    """Encode `pixels` and decode `latents` with both models and compare each result (`mlx_vae` computes in
+    `dtype` with `kernels`, the suite's policy by default)."""
+    assert ops_name(mlx_vae) == (kernels or expected_ops(dtype))
     with torch.no_grad():
         if isinstance(reference, AutoencoderKL):
             expected_latents = reference.encode(pixels).latent_dist.mean
@@ -119,12 +121,13 @@ def check_encode_decode(reference, mlx_vae, pixels: torch.Tensor, latents: torch
 @pytest.fixture(scope="module")
 def sdxs_taesd(tmp_path_factory):
     reference = torch_vae(SDXS_TAESD)
-    return reference, mlx_sdxs.load_vae(save_and_convert(reference, tmp_path_factory.mktemp("taesd"), "vae"))
+    folder = save_and_convert(reference, tmp_path_factory.mktemp("taesd"), "vae")
+    return reference, mlx_sdxs.load_vae(folder), folder
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), pytest.param(512, 512, marks=pytest.mark.slow)])
 def test_taesd_sdxs_config_matches_diffusers(sdxs_taesd, height, width):
-    reference, vae = sdxs_taesd
+    reference, vae, _ = sdxs_taesd
     # Latents up to ±9 so that the decoder's tanh soft clamp at ±3 is exercised.
     latents = seeded((1, 4, height // 8, width // 8), seed=2, scale=3.0)
     check_encode_decode(reference, vae, image(height, width), latents)
@@ -192,10 +195,28 @@ def test_kl_small_matches_diffusers(tmp_path, overrides, legacy):
 
 
 def test_kl_fp16_weights(tmp_path):
-    reference = torch_vae(small_kl(), seed=9)
+    reference = torch_vae(small_kl(force_upcast=False), seed=9)
     vae = mlx_sdxs.load_vae(save_and_convert(reference, tmp_path, "vae", dtype="float16"))
     check_encode_decode(reference, vae, image(16, 24), seeded((1, 4, 8, 12), seed=10),
                         rtol=FP16_RTOL, dtype=mx.float16)
+
+
+def test_kl_force_upcast_runs_float32_under_a_float16_runtime(tmp_path):
+    """SD's KL VAE overflows in float16; its config's `force_upcast` (the default) keeps it float32."""
+    reference = torch_vae(small_kl(), seed=9)
+    folder = save_and_convert(reference, tmp_path, "vae")
+    vae = mlx_sdxs.load_vae(folder, mx.float16)
+    assert vae.decoder.conv_in.weight.dtype == mx.float32
+    check_encode_decode(reference, vae, image(16, 24), seeded((1, 4, 8, 12), seed=10))
+    assert mlx_sdxs.load_vae(folder, mx.bfloat16).decoder.conv_in.weight.dtype == mx.bfloat16  # range enough
+
+
+def test_taesd_portable_float16_matches_the_float32_oracle(sdxs_taesd):
+    """TAESD as a GPU runs it (portable kernels, float16), against float32 diffusers."""
+    reference, _, _ = sdxs_taesd
+    vae = mlx_sdxs.load_vae(sdxs_taesd[2], mx.float16, kernels="portable")
+    check_encode_decode(reference, vae, image(64, 96), seeded((1, 4, 8, 12), seed=2, scale=3.0),
+                        rtol=FP16_RTOL, dtype=mx.float16, kernels="portable")
 
 
 @pytest.mark.slow

@@ -1,12 +1,13 @@
-"""The 3-stage camera loop: capture thread → inference thread → presenter on the calling (main) thread.
+"""The 3-stage camera loop: capture thread → inference thread → display on the calling (main) thread.
 
 Stages hand over through `LatestSlot`s that keep only the NEWEST item: a slow stage never works
-through a backlog, it skips to the present and the skipped items are counted as stale. This is
-the seed system's structure (ochyai/streamdiffusion-mac camera.py) with one stop event, errors
-carried back to the main thread, bounded joins, and statistics.
+through a backlog, it skips to the present and the skipped items are counted as stale. The display
+ticks at the capture rate: every new camera frame is composed with the newest AI result, so the
+camera half, the blend and the EMA stay live while the model works on the next frame.
 
-Every backend call (prompt, warm-up, process) happens on the inference thread, so a backend that
-owns a device stream (MLX) sees a single thread.
+Shutdown, in order: any stage sets the stop event (or the source ends, or the presenter quits);
+the slots close so no stage waits; capture and inference threads are joined (bounded); a worker's
+exception is re-raised on the calling thread as one readable line.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, TextIO, TypeVar
 
-import cv2
 import numpy as np
 
 from mlx_sdxs.backends.base import Backend
@@ -37,6 +36,10 @@ CAPTURE_JOIN_S = 2.0
 #: A real model can be mid-frame for seconds on a CPU; wait for it rather than close it under its feet.
 INFERENCE_JOIN_S = 10.0
 THUMBNAIL_SIDE = 32
+#: Without a camera frame for this long, a new AI result is displayed on its own tick.
+STALLED_SOURCE_S = 0.1
+#: One frame in this many is timed stage by stage (the sync between stages costs a little overlap).
+PROFILE_EVERY = 10
 
 
 class WorkerError(SDXSError):
@@ -46,10 +49,10 @@ class WorkerError(SDXSError):
 class LatestSlot(Generic[T]):
     """A one-item hand-over: `put` replaces the item (counting an untaken one as dropped), `take_newer`
     waits for an item newer than the caller's last. `close` means no more puts; what is there can still
-    be taken. Single consumer."""
+    be taken. Single consumer. Slots may share one `threading.Condition`, so a consumer can wait on several."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, condition: threading.Condition | None = None) -> None:
+        self._cond = condition or threading.Condition()
         self._item: T | None = None
         self._seq = 0
         self._taken_seq = 0
@@ -75,6 +78,10 @@ class LatestSlot(Generic[T]):
             self._taken_seq = self._seq
             return self._seq, self._item
 
+    @property
+    def seq(self) -> int:
+        return self._seq
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -87,13 +94,23 @@ class LatestSlot(Generic[T]):
 
 @dataclass
 class Result:
-    """One displayed unit: the AI image together with the exact camera frame it was computed from."""
+    """One AI image together with the exact camera frame it was computed from."""
 
-    seq: int  # capture sequence number (1-based)
-    captured_at: float  # time.perf_counter() when the frame left the source
+    seq: int  # capture sequence number (1-based) of the source frame
+    captured_at: float  # time.perf_counter() when that frame left the source
     camera: np.ndarray
     ai: np.ndarray
-    reused: bool  # similarity filter: `ai` is the previous result, the frame was not processed
+
+
+@dataclass
+class Tick:
+    """What the display shows once: the newest camera frame and the newest AI result."""
+
+    camera: np.ndarray
+    camera_seq: int
+    result: Result
+    #: True on the first tick that shows `result`.
+    new_result: bool
 
 
 class RateMeter:
@@ -126,10 +143,14 @@ class LoopStats:
     inferred: int = 0
     skipped_similar: int = 0
     dropped_before_inference: int = 0
+    #: AI results replaced by a newer one before any display tick showed them.
     dropped_before_display: int = 0
     displayed: int = 0
+    results_displayed: int = 0
     elapsed_s: float = 0.0
     stop_reason: str = ""
+    #: The newest per-stage timing of the backend (ms), sampled every `PROFILE_EVERY` frames.
+    stage_ms: dict[str, float] = field(default_factory=dict)
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
     ai_rate: RateMeter = field(default_factory=RateMeter, repr=False)
     display_rate: RateMeter = field(default_factory=RateMeter, repr=False)
@@ -155,6 +176,7 @@ class LoopStats:
             "dropped_before_inference": self.dropped_before_inference,
             "dropped_before_display": self.dropped_before_display,
             "displayed": self.displayed,
+            "results_displayed": self.results_displayed,
             "elapsed_s": round(self.elapsed_s, 3),
             "ai_fps": round(self.fps(self.inferred), 3),
             "display_fps": round(self.fps(self.displayed), 3),
@@ -163,6 +185,13 @@ class LoopStats:
             "latency_ms_p99": round(self.latency_ms(99), 2),
             "stop_reason": self.stop_reason,
         }
+
+    def live(self) -> dict[str, float | int]:
+        """The figures a status line or the studio page shows while the loop runs."""
+        return {"ai_fps": round(self.ai_rate.rate(), 2), "display_fps": round(self.display_rate.rate(), 2),
+                "latency_ms": round(self.latencies_s[-1] * 1000, 1) if self.latencies_s else 0.0,
+                "dropped": self.dropped_before_inference, "inferred": self.inferred, "displayed": self.displayed,
+                "stage_ms": {k: round(v, 1) for k, v in self.stage_ms.items()}}
 
     def summary(self) -> str:
         return (f"frames: captured {self.captured} | inferred {self.inferred} | "
@@ -174,24 +203,33 @@ class LoopStats:
 
 
 class LoopControl:
-    """What the presenter (keys) may ask of a running loop; also owns the session's stats, so they
-    survive an exception out of `run_loop`."""
+    """What the display (keys) or the studio page may ask of a running loop; also owns the session's stats,
+    so they survive an exception out of `run_loop`. Requests are applied by the inference thread before
+    its next frame, newest value per knob."""
+
+    KNOBS = ("prompt", "prompt_b", "prompt_blend", "feedback", "seed_blend")
 
     def __init__(self) -> None:
         self.stats = LoopStats()
         self._lock = threading.Lock()
-        self._pending_prompt: str | None = None
+        self._pending: dict[str, object] = {}
         self._quit = threading.Event()
 
-    def set_prompt(self, prompt: str) -> None:
-        """Applied by the inference thread before its next frame (the backend morphs towards it)."""
+    def request(self, **changes: object) -> None:
+        """Queue knob changes (prompt, prompt_b, prompt_blend, feedback, seed_blend) for the next frame."""
+        unknown = set(changes) - set(self.KNOBS)
+        if unknown:
+            raise ValueError(f"unknown loop setting(s): {', '.join(sorted(unknown))}")
         with self._lock:
-            self._pending_prompt = prompt
+            self._pending.update(changes)
 
-    def take_prompt(self) -> str | None:
+    def set_prompt(self, prompt: str) -> None:
+        self.request(prompt=prompt)
+
+    def take_requests(self) -> dict[str, object]:
         with self._lock:
-            prompt, self._pending_prompt = self._pending_prompt, None
-            return prompt
+            pending, self._pending = self._pending, {}
+            return pending
 
     def quit(self) -> None:
         self._quit.set()
@@ -204,10 +242,10 @@ class LoopControl:
 class Presenter(Protocol):
     """The display stage; runs on the thread that called `run_loop` (OpenCV windows need the main thread on macOS)."""
 
-    def present(self, result: Result, control: LoopControl) -> None: ...
+    def present(self, tick: Tick, control: LoopControl) -> None: ...
 
     def idle(self, control: LoopControl) -> None:
-        """Called when no new result arrived for a tick: pump window events, read keys."""
+        """Called when nothing new arrived for a tick: pump window events, read keys."""
 
 
 class SimilarityGate:
@@ -230,6 +268,8 @@ class SimilarityGate:
     def should_skip(self, frame: np.ndarray) -> bool:
         if self.threshold <= 0:
             return False
+        import cv2
+
         small = cv2.resize(frame, (THUMBNAIL_SIDE, THUMBNAIL_SIDE), interpolation=cv2.INTER_AREA)
         thumbnail = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
         if self._forced > 0:
@@ -251,144 +291,234 @@ def _describe(error: BaseException, thread: str, frame: int) -> BaseException:
     return wrapped
 
 
-def _wait_for_thread_local_teardown(thread: threading.Thread, timeout: float) -> None:
-    """Wait until the OS thread behind a joined `thread` is gone.
+class Shutdown:
+    """The stop signal every stage watches, and the first error any of them hit."""
 
-    `Thread.join` returns before the thread runs its C++ `thread_local` destructors. MLX keeps its
-    `mx.compile` cache per thread and releases Python objects from that destructor; if the program
-    is already exiting by then, CPython ends the thread inside the destructor and the process
-    aborts ("terminate called without an active exception", seen in 1 of 10 camera runs). Linux
-    shows the thread in /proc until it is gone; elsewhere there is nothing to wait on.
-    """
-    if thread.native_id is None:  # never started
-        return
-    task = Path(f"/proc/self/task/{thread.native_id}")
-    deadline = time.monotonic() + timeout
-    while task.exists() and time.monotonic() < deadline:
-        time.sleep(0.001)  # the kernel offers no wait on another thread's exit; polls cost ~1 ms once
+    def __init__(self, slots: list[LatestSlot]) -> None:
+        self.event = threading.Event()
+        self.errors: list[BaseException] = []
+        self._slots = slots
+
+    def fail(self, error: BaseException, thread: str, frame: int) -> None:
+        self.errors.append(_describe(error, thread, frame))
+        self.stop()
+
+    def stop(self) -> None:
+        self.event.set()
+        for slot in self._slots:
+            slot.close()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+
+class CaptureStage:
+    """Reads the source; each frame goes to the inference slot and to the display's camera slot."""
+
+    def __init__(self, source: FrameSource, frames: LatestSlot, cameras: LatestSlot, stats: LoopStats,
+                 shutdown: Shutdown):
+        self.source, self.frames, self.cameras, self.stats, self.shutdown = source, frames, cameras, stats, shutdown
+
+    def run(self) -> None:
+        try:
+            while not self.shutdown.stopped:
+                frame = self.source.read(self.shutdown.event)
+                if frame is None:
+                    break
+                captured_at = time.perf_counter()
+                validate_frame(frame, self.source.name)
+                self.stats.captured += 1
+                self.frames.put((captured_at, frame))
+                self.cameras.put(frame)
+        except BaseException as error:  # noqa: BLE001 — carried to the main thread
+            self.shutdown.fail(error, "capture", self.stats.captured + 1)
+        finally:
+            self.frames.close()
+
+
+def apply_requests(backend: Backend, requests: dict[str, object]) -> bool:
+    """Hand queued knob changes to the backend; True when the conditioning changes (it morphs)."""
+    if "feedback" in requests:
+        backend.set_feedback(requests["feedback"])
+    if "seed_blend" in requests:
+        backend.set_seed_blend(requests["seed_blend"])
+    prompt_keys = {"prompt", "prompt_b", "prompt_blend"} & requests.keys()
+    if not prompt_keys:
+        return False
+    if prompt_keys == {"prompt_blend"}:
+        backend.set_prompt_blend(requests["prompt_blend"])
+    else:
+        backend.set_prompt(requests.get("prompt"), requests.get("prompt_b"), requests.get("prompt_blend"))
+    return True
+
+
+class InferenceStage:
+    """Prompt, warm-up and every frame through the backend, on one thread that owns the backend's
+    device stream (`backend.worker()`); results go to the display's result slot."""
+
+    def __init__(self, backend: Backend, frames: LatestSlot, results: LatestSlot, control: LoopControl,
+                 shutdown: Shutdown, *, prompt: str | None, warmup: bool, similarity_threshold: float,
+                 prompt_b: str | None = None, prompt_blend: float | None = None):
+        self.backend, self.frames, self.results, self.control = backend, frames, results, control
+        self.shutdown, self.prompt, self.warmup = shutdown, prompt, warmup
+        self.prompt_b, self.prompt_blend = prompt_b, prompt_blend
+        self.gate = SimilarityGate(similarity_threshold)
+        self.ready = threading.Event()
+        self.last_seq = 0
+
+    def run(self) -> None:
+        try:
+            with self.backend.worker():
+                self._run()
+        except BaseException as error:  # noqa: BLE001 — carried to the main thread
+            self.shutdown.fail(error, "inference", self.last_seq)
+        finally:
+            self.results.close()
+
+    def _run(self) -> None:
+        stats, backend = self.control.stats, self.backend
+        if self.prompt is not None:
+            if self.prompt_b is None:
+                backend.set_prompt(self.prompt)
+            else:
+                backend.set_prompt(self.prompt, self.prompt_b, self.prompt_blend)
+        if self.warmup:
+            backend.warmup()
+        self.ready.set()
+        while not self.shutdown.stopped:
+            taken = self.frames.take_newer(self.last_seq)
+            if taken is None or self.shutdown.stopped:
+                break
+            self.last_seq, (captured_at, frame) = taken
+            if apply_requests(backend, self.control.take_requests()):
+                self.gate.force(MORPH_FRAMES)
+            if self.gate.should_skip(frame):  # never the first frame: the gate has no reference yet
+                stats.skipped_similar += 1
+                continue
+            profile = stats.inferred % PROFILE_EVERY == 0
+            backend.profile_stages = profile
+            ai = backend.process(frame)
+            if profile:
+                stats.stage_ms = dict(backend.last_stage_ms)
+            stats.inferred += 1
+            stats.ai_rate.tick(time.perf_counter())
+            self.results.put(Result(self.last_seq, captured_at, frame, ai))
+
+
+class DisplayLoop:
+    """The main-thread stage: one tick per new camera frame (or new result), until a stop condition."""
+
+    def __init__(self, cameras: LatestSlot, results: LatestSlot, condition: threading.Condition,
+                 presenter: Presenter | None, control: LoopControl, shutdown: Shutdown, *,
+                 max_frames: int | None, max_results: int | None, duration: float | None):
+        self.cameras, self.results, self.condition = cameras, results, condition
+        self.presenter, self.control, self.shutdown = presenter, control, shutdown
+        self.max_frames, self.max_results, self.duration = max_frames, max_results, duration
+        self.tick_s = 0.03 if presenter is not None else 0.25
+
+    def idle(self) -> None:
+        if self.presenter is not None:
+            self.presenter.idle(self.control)
+
+    def run(self) -> str:
+        """Returns the stop reason."""
+        stats = self.control.stats
+        deadline = time.perf_counter() + self.duration if self.duration is not None else None
+        camera_seq = result_seq = 0
+        camera: np.ndarray | None = None
+        result: Result | None = None
+        last_camera_at = time.perf_counter()
+        while True:
+            if self.control.quit_requested:
+                return "quit"
+            if self.shutdown.stopped:
+                return "error"
+            now = time.perf_counter()
+            if deadline is not None and now >= deadline:
+                return "duration"
+            timeout = self.tick_s if deadline is None else max(0.0, min(self.tick_s, deadline - now))
+            # Ticks follow the camera. A new AI result waits for the next camera frame (at most one frame
+            # period), unless the source stalls or has ended: then it is shown on its own.
+            stall_at = last_camera_at + STALLED_SOURCE_S
+            result_due = self.results.seq > result_seq and (now >= stall_at or self.results.closed)
+            with self.condition:  # both slots notify it
+                if self.results.seq > result_seq and not result_due:
+                    self.condition.wait_for(lambda: self.cameras.seq > camera_seq or self.results.closed,
+                                            max(0.0, min(timeout, stall_at - now)))
+                elif not result_due:
+                    self.condition.wait_for(lambda: self.cameras.seq > camera_seq or self.results.seq > result_seq
+                                            or self.results.closed, timeout)
+            taken_camera = self.cameras.take_newer(camera_seq, 0)
+            if taken_camera is not None:
+                camera_seq, camera = taken_camera
+                last_camera_at = time.perf_counter()
+            results_over = self.results.closed
+            stalled = time.perf_counter() >= last_camera_at + STALLED_SOURCE_S
+            taken_result = self.results.take_newer(result_seq, 0) \
+                if taken_camera is not None or results_over or stalled else None
+            new_result = taken_result is not None
+            if new_result:
+                result_seq, result = taken_result
+            if result is None or not (new_result or taken_camera is not None):
+                if results_over and self.results.seq <= result_seq:
+                    return "source ended"
+                self.idle()
+                continue
+            if self.presenter is not None:
+                self.presenter.present(Tick(camera if camera is not None else result.camera, camera_seq,
+                                            result, new_result), self.control)
+            now = time.perf_counter()
+            stats.displayed += 1
+            stats.display_rate.tick(now)
+            if new_result:
+                stats.results_displayed += 1
+                stats.latencies_s.append(now - result.captured_at)
+            if self.max_frames is not None and stats.displayed >= self.max_frames:
+                return "max frames"
+            if self.max_results is not None and stats.results_displayed >= self.max_results:
+                return "max results"
 
 
 def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None = None, *,
              control: LoopControl | None = None, prompt: str | None = None, warmup: bool = False,
-             max_frames: int | None = None, duration: float | None = None,
-             similarity_threshold: float = 0.0, log=None) -> LoopStats:
-    """Run capture → inference → presentation until `max_frames` frames were presented, `duration`
-    seconds passed, the source ended, the presenter asked to quit, or a stage failed.
+             prompt_b: str | None = None, prompt_blend: float | None = None,
+             max_frames: int | None = None, max_results: int | None = None, duration: float | None = None,
+             similarity_threshold: float = 0.0, on_warmup: Callable[[float], None] | None = None,
+             log: TextIO | None = None) -> LoopStats:
+    """Run capture → inference → display until `max_frames` display ticks, `max_results` new AI results
+    shown, `duration` seconds (counted from the end of warm-up), the source ended, the presenter quit,
+    or a stage failed. `on_warmup(elapsed_s)` is called every few seconds while the backend warms up.
 
-    A worker's exception (and Ctrl-C) stops every stage; after the threads are joined it is raised
-    here, on the calling thread. The caller owns `source`, `backend` and the presenter's outputs.
-    `duration` counts from the end of warm-up.
+    A worker's exception (and Ctrl-C / SIGTERM raised on this thread) stops every stage; after the
+    threads are joined it is raised here. The caller owns `source`, `backend` and the presenter's outputs.
     """
     control = control or LoopControl()
     stats = control.stats
     log = log if log is not None else sys.stderr
-    stop = threading.Event()
-    ready = threading.Event()
+    condition = threading.Condition()
     frames: LatestSlot[tuple[float, np.ndarray]] = LatestSlot()
-    results: LatestSlot[Result] = LatestSlot()
-    errors: list[BaseException] = []
-
-    def fail(error: BaseException, thread: str, frame: int) -> None:
-        errors.append(_describe(error, thread, frame))
-        stop.set()
-        frames.close()
-        results.close()
-
-    def capture() -> None:
-        try:
-            while not stop.is_set():
-                frame = source.read(stop)
-                if frame is None:
-                    break
-                captured_at = time.perf_counter()
-                validate_frame(frame, source.name)
-                stats.captured += 1
-                frames.put((captured_at, frame))
-        except BaseException as error:  # noqa: BLE001 — carried to the main thread
-            fail(error, "capture", stats.captured + 1)
-        finally:
-            frames.close()
-
-    def infer() -> None:
-        gate = SimilarityGate(similarity_threshold)
-        previous_ai: np.ndarray | None = None
-        last_seq = 0
-        try:
-            if prompt is not None:
-                backend.set_prompt(prompt)
-            if warmup:
-                backend.warmup()
-            ready.set()
-            while not stop.is_set():
-                taken = frames.take_newer(last_seq)
-                if taken is None or stop.is_set():
-                    break
-                last_seq, (captured_at, frame) = taken
-                new_prompt = control.take_prompt()
-                if new_prompt is not None:
-                    backend.set_prompt(new_prompt)
-                    gate.force(MORPH_FRAMES)
-                if gate.should_skip(frame):  # never the first frame: the gate has no reference yet
-                    stats.skipped_similar += 1
-                    ai, reused = previous_ai, True
-                else:
-                    ai, reused = backend.process(frame), False
-                    previous_ai = ai
-                    stats.inferred += 1
-                    stats.ai_rate.tick(time.perf_counter())
-                results.put(Result(last_seq, captured_at, frame, ai, reused))
-        except BaseException as error:  # noqa: BLE001 — carried to the main thread
-            fail(error, "inference", last_seq)
-        finally:
-            results.close()
-
-    inference_thread = threading.Thread(target=infer, name="sdxs-inference", daemon=True)
-    capture_thread = threading.Thread(target=capture, name="sdxs-capture", daemon=True)
+    cameras: LatestSlot[np.ndarray] = LatestSlot(condition)
+    results: LatestSlot[Result] = LatestSlot(condition)
+    shutdown = Shutdown([frames, cameras, results])
+    capture = CaptureStage(source, frames, cameras, stats, shutdown)
+    inference = InferenceStage(backend, frames, results, control, shutdown, prompt=prompt, warmup=warmup,
+                               similarity_threshold=similarity_threshold, prompt_b=prompt_b,
+                               prompt_blend=prompt_blend)
+    display = DisplayLoop(cameras, results, condition, presenter, control, shutdown,
+                          max_frames=max_frames, max_results=max_results, duration=duration)
+    inference_thread = threading.Thread(target=inference.run, name="sdxs-inference", daemon=True)
+    capture_thread = threading.Thread(target=capture.run, name="sdxs-capture", daemon=True)
     started = time.perf_counter()
-    tick = 0.03 if presenter is not None else 0.25
     try:
         inference_thread.start()
-        while not ready.wait(tick):  # warm-up; keep the window responsive meanwhile
-            if stop.is_set() or control.quit_requested:
-                break
-            if presenter is not None:
-                presenter.idle(control)
-        if ready.is_set() and not stop.is_set() and not control.quit_requested:
+        _wait_for_warmup(inference, shutdown, control, display, on_warmup)
+        if inference.ready.is_set() and not shutdown.stopped and not control.quit_requested:
             capture_thread.start()
-        started = time.perf_counter()
-        deadline = started + duration if duration is not None else None
-        last_seq = 0
-        while not stop.is_set():
-            if control.quit_requested:
-                stats.stop_reason = "quit"
-                break
-            timeout = tick if deadline is None else max(0.0, min(tick, deadline - time.perf_counter()))
-            taken = results.take_newer(last_seq, timeout)
-            if taken is None:
-                if stop.is_set():
-                    break
-                if results.closed:
-                    stats.stop_reason = "source ended"
-                    break
-                if deadline is not None and time.perf_counter() >= deadline:
-                    stats.stop_reason = "duration"
-                    break
-                if presenter is not None:
-                    presenter.idle(control)
-                continue
-            last_seq, result = taken
-            if presenter is not None:
-                presenter.present(result, control)
-            now = time.perf_counter()
-            stats.displayed += 1
-            stats.display_rate.tick(now)
-            stats.latencies_s.append(now - result.captured_at)
-            if max_frames is not None and stats.displayed >= max_frames:
-                stats.stop_reason = "max frames"
-                break
-            if deadline is not None and now >= deadline:
-                stats.stop_reason = "duration"
-                break
+            started = time.perf_counter()
+            stats.stop_reason = display.run()
+        else:
+            stats.stop_reason = "quit" if control.quit_requested else "error"
     except KeyboardInterrupt:
         stats.stop_reason = "interrupted"
         raise
@@ -396,20 +526,31 @@ def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None 
         stats.stop_reason = "error"
         raise
     finally:
-        stop.set()
-        frames.close()
-        results.close()
+        shutdown.stop()
         for thread, limit in ((capture_thread, CAPTURE_JOIN_S), (inference_thread, INFERENCE_JOIN_S)):
             if thread.is_alive():
                 thread.join(limit)
             if thread.is_alive():
                 print(f"mlx-sdxs: the {thread.name} thread did not stop within {limit:.0f} s", file=log)
-        if not inference_thread.is_alive():
-            _wait_for_thread_local_teardown(inference_thread, INFERENCE_JOIN_S)
         stats.elapsed_s = time.perf_counter() - started
         stats.dropped_before_inference = frames.dropped
         stats.dropped_before_display = results.dropped
-    if errors:
+    if shutdown.errors:
         stats.stop_reason = "error"
-        raise errors[0]
+        raise shutdown.errors[0]
     return stats
+
+
+def _wait_for_warmup(inference: InferenceStage, shutdown: Shutdown, control: LoopControl, display: DisplayLoop,
+                     on_warmup: Callable[[float], None] | None, report_every_s: float = 5.0) -> None:
+    """Keep the window responsive (and say what is happening) until the backend's first frames are done."""
+    start = time.perf_counter()
+    next_report = start + report_every_s
+    while not inference.ready.wait(display.tick_s):
+        if shutdown.stopped or control.quit_requested:
+            return
+        display.idle()
+        now = time.perf_counter()
+        if on_warmup is not None and now >= next_report:
+            on_warmup(now - start)
+            next_report = now + report_every_s

@@ -1,4 +1,4 @@
-"""The prompt gallery the camera cycles through with n/p (ten styles, as in the seed), and prompt files."""
+"""The prompt gallery the camera cycles through with n/p (ten styles, as in the SDXS camera demo), and prompt files."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention
+from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from mlx_sdxs.models.ops import UsesOps
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm
 
@@ -73,7 +74,7 @@ def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(groups, channels, eps=_EPS)
 
 
-class Attention(nn.Module):
+class Attention(UsesOps, nn.Module):
     """Single-head self-attention over all pixels, with group norm and a residual (the VAE mid block's)."""
 
     def __init__(self, channels: int, groups: int):
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        out = attention(q, k, v, c**-0.5)
+        out = self.ops.attention(q, k, v, c**-0.5)
         return x + self.to_out[0](out).reshape(b, h, w, c)
 
 

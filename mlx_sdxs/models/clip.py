@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.models.ops import UsesOps, gelu
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -22,7 +23,7 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
 
 
-class CLIPAttention(nn.Module):
+class CLIPAttention(UsesOps, nn.Module):
     def __init__(self, dims: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -84,9 +85,9 @@ class CLIPAttention(nn.Module):
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        # The "causal" mode builds the mask inside the kernel: no additive −inf/−1e9 array that could
-        # overflow or swamp the scores in float16.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
+        # The causal mask is built inside the kernel: no additive −inf/−1e9 array that could overflow or
+        # swamp the scores in float16.
+        out = self.ops.attention(q, k, v, self.scale, causal=True)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
 
 

@@ -1,0 +1,306 @@
+"""Measuring: the backends on the same weights and frames, per-stage times, loop FPS, memory, FLOPs, and
+the MLX graph's primitive count per frame (a GPU launch-count proxy that needs no GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a watercolor painting"
+#: Graph nodes that only re-describe memory (no kernel of their own on a GPU) — left out of the count.
+VIEW_PRIMITIVES = {"Reshape", "Transpose", "Slice", "Broadcast", "BroadcastAxes", "AsStrided", "ExpandDims",
+                   "Squeeze", "Flatten", "Unflatten", "View", "StopGradient"}
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+def load_frames(folder: Path | None) -> tuple[list, str]:
+    import cv2
+
+    from mlx_sdxs.camera.sources import SyntheticSource
+
+    given = folder is not None
+    folder = folder or Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+    files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
+    frames = [frame for frame in (cv2.imread(str(f)) for f in files) if frame is not None]
+    if given and not frames:
+        raise SystemExit(f"bench: --images {folder}: no readable .png/.jpg images there")
+    if frames:
+        return frames, f"{len(frames)} photos from {folder}"
+    source = SyntheticSource(640, 480, 0)
+    return [source.read() for _ in range(8)], "8 frames of the synthetic scene"
+
+
+def prepare_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(diffusers checkpoint, converted MLX folder): --checkpoint, else random weights in the preset's
+    shape; built and converted once under the weights folder."""
+    from mlx_sdxs import hub
+    from mlx_sdxs.backends import random_checkpoint
+    from mlx_sdxs.convert import convert_checkpoint
+
+    source = args.checkpoint or random_checkpoint(args.preset)
+    converted = hub.default_weights_root() / f"bench-{hub.model_slug(source)}-float32"
+    if not hub.is_converted(converted):
+        print(f"bench: converting {source} for MLX (once)…", flush=True)
+        convert_checkpoint(source, converted)
+    return source, converted
+
+
+class ReplaySource:
+    """Decoded frames replayed at a camera's rate: the loop measurement pays no decode/synthesis cost."""
+
+    def __init__(self, frames: list, fps: float = 30.0):
+        from mlx_sdxs.camera.sources import Pacer
+
+        self.name, self.fps, self.frames, self.count, self.pacer = "replay", fps, frames, 0, Pacer(fps)
+
+    def read(self, stop=None):
+        if not self.pacer.wait(stop):
+            return None
+        self.count += 1
+        return self.frames[self.count % len(self.frames)]
+
+    def close(self) -> None:
+        pass
+
+
+# --- backends --------------------------------------------------------------------------------------
+def make_backend(name: str, size: int, checkpoint: Path, converted: Path, args: argparse.Namespace):
+    """Build one backend on the bench's weights, or return the reason it cannot run here."""
+    from mlx_sdxs import runtime
+    from mlx_sdxs.backends import BackendChoice, open_backend
+    from mlx_sdxs.errors import SDXSError
+    from mlx_sdxs.recipe import RecipeSettings
+
+    settings = RecipeSettings(render_size=size)
+    try:
+        if name.startswith("mlx"):
+            import mlx.nn as nn
+
+            from mlx_sdxs.pipeline import SDXSPipeline
+
+            pipeline = SDXSPipeline.from_weights(converted, runtime.parse_dtype(args.dtype), name=args.preset,
+                                                 kernels=args.kernels)
+            if name in ("mlx-q8", "mlx-q4"):
+                nn.quantize(pipeline.unet, bits=int(name[-1]))
+            backend = pipeline.stream(settings, PROMPT)
+            backend.name = name
+            return backend
+        choice = BackendChoice(backend=name, model=str(checkpoint), device=args.device, dtype=args.torch_dtype)
+        return open_backend(choice, settings, PROMPT)
+    except (SDXSError, ImportError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def backend_threads(backend) -> int | None:
+    """Threads the backend computes with (the bench reports them so the comparison is fair)."""
+    engine = getattr(backend, "engine", None)
+    if hasattr(engine, "threads"):
+        return engine.threads
+    if type(engine).__name__ == "TorchEngine":
+        import torch
+
+        return torch.get_num_threads()
+    return os.cpu_count()
+
+
+def unet_flops(source: Path, size: int) -> float | None:
+    """FLOPs of one UNet call at `size` (torch FlopCounterMode on the diffusers UNet), or None without torch."""
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from mlx_sdxs.backends.torch_backend import load_unet
+    except ImportError:
+        return None
+    unet = load_unet(source)
+    latent = torch.zeros(1, unet.config.in_channels, size // 8, size // 8)
+    text = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(latent, torch.tensor([999]), text)
+    return float(counter.get_total_flops())
+
+
+def count_graph(outputs) -> Counter:
+    """Non-view primitives in the unevaluated MLX graph behind `outputs`, by primitive name."""
+    import mlx.core as mx
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "graph.dot"
+        mx.export_to_dot(str(path), *outputs)
+        labels = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', path.read_text())
+    return Counter(label for label in labels if label not in VIEW_PRIMITIVES)
+
+
+def primitives_per_frame(converted: Path, size: int, frame: np.ndarray) -> dict:
+    """Primitives one camera frame evaluates under `portable` float16 — what a GPU runs — from a graph walk."""
+    import mlx.core as mx
+
+    from mlx_sdxs.pipeline import MLXEngine, SDXSPipeline
+    from mlx_sdxs.recipe import Recipe, RecipeSettings
+
+    class GraphCapture(MLXEngine):
+        """Keeps the frame's output graph instead of evaluating it."""
+
+        def to_nhwc(self, array):
+            self.graph = array
+            return np.zeros(array.shape, np.float32)
+
+    pipeline = SDXSPipeline.from_weights(converted, mx.float16, kernels="portable")
+    engine = GraphCapture(pipeline)
+    recipe = Recipe(engine, RecipeSettings(render_size=size), PROMPT)
+    recipe.previous = mx.zeros((1, size // 8, size // 8, pipeline.latent_channels))  # feedback in the graph
+    recipe.process(frame)
+    frame_counts = count_graph([engine.graph])
+    side = size // 8
+    unet_only = count_graph([pipeline.unet(mx.zeros((1, side, side, 4), mx.float16), mx.array([999]),
+                                           mx.zeros((1, 77, pipeline.text_encoder.config.hidden_size), mx.float16))])
+    return {"frame": sum(frame_counts.values()), "unet": sum(unet_only.values()),
+            "top": dict(frame_counts.most_common(8)), "policy": "portable", "dtype": "float16"}
+
+
+# --- measurement -----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def measure_size(size: int, names: list[str], frames: list, source: Path, converted: Path,
+                 args: argparse.Namespace) -> dict:
+    from mlx_sdxs.camera.loop import run_loop
+    from mlx_sdxs.recipe import MODEL_STAGES, STAGES
+
+    backends, results = {}, {}
+    for name in names:
+        before = rss_mb()
+        backend = make_backend(name, size, source, converted, args)
+        if isinstance(backend, str):
+            results[name] = {"skipped": backend}
+            print(f"bench: {name} @ {size}: skipped ({backend})", flush=True)
+            continue
+        backend.warmup()
+        backends[name] = backend
+        results[name] = {"load_rss_mb": round(rss_mb() - before, 1), "stages_ms": {s: [] for s in STAGES},
+                         "frame_ms": [], "standalone_ms": [], "backend": backend.engine.name,
+                         "threads": backend_threads(backend)}
+    # Rounds of a few frames per backend, backend after backend: the machine's noise hits every backend
+    # alike, while each backend's thread pool (OpenBLAS, OpenMP, ORT) gets the cores to itself within a round
+    # (frame-by-frame alternation made torch's OpenMP threads fight OpenBLAS's spinning workers).
+    per_round = max(1, args.frames // 3)
+    for name, backend in backends.items():
+        for i in range(args.warmup):
+            backend.process(frames[i % len(frames)])
+    for first in range(0, args.frames, per_round):
+        for name, backend in backends.items():
+            for i in range(first, min(first + per_round, args.frames)):
+                frame = frames[i % len(frames)]
+                backend.profile_stages = True
+                backend.process(frame)
+                for stage, ms in backend.last_stage_ms.items():
+                    results[name]["stages_ms"][stage].append(ms)
+                results[name]["frame_ms"].append(sum(backend.last_stage_ms.values()))
+                backend.profile_stages = False
+                start = time.perf_counter()
+                backend.process(frame)
+                results[name]["standalone_ms"].append((time.perf_counter() - start) * 1000)
+            print(f"bench: {name} @ {size}: {len(results[name]['frame_ms'])}/{args.frames} frames, "
+                  f"last {results[name]['frame_ms'][-1]:.0f} ms", flush=True)
+    for name, backend in backends.items():
+        if args.loop_frames:
+            # Warm-up on the loop's own inference thread: MLX compiles per thread/stream on first use.
+            stats = run_loop(ReplaySource(frames), backend, None, warmup=True, max_results=args.loop_frames)
+            results[name]["loop"] = stats.as_dict()
+        backend.close()
+    flops = unet_flops(source, size)
+    summary = {}
+    for name, result in results.items():
+        if "skipped" in result:
+            summary[name] = result
+            continue
+        stages = {s: {"median": percentile(v, 50), "p90": percentile(v, 90), "min": min(v, default=None)}
+                  for s, v in result["stages_ms"].items()}
+        # Per-frame enc+UNet+dec: its minimum is the machine's quiet-time figure (shared hosts have slow spells).
+        model_ms = [sum(t) for t in zip(*(result["stages_ms"][s] for s in MODEL_STAGES))]
+        standalone_fps = 1000.0 / percentile(result["standalone_ms"], 50)
+        entry = {
+            "backend": result["backend"],
+            "threads": result["threads"],
+            "stages_ms": stages,
+            "frame_ms_median": percentile(result["frame_ms"], 50),
+            "frame_ms_p90": percentile(result["frame_ms"], 90),
+            "encode_unet_decode_ms": sum(stages[s]["median"] for s in MODEL_STAGES),
+            "encode_unet_decode_best_ms": min(model_ms),
+            "standalone_fps": standalone_fps,
+            "load_rss_mb": result["load_rss_mb"],
+        }
+        if "loop" in result:
+            entry["loop"] = result["loop"]
+            entry["loop_fps"] = result["loop"]["ai_fps"]
+            entry["loop_vs_standalone"] = result["loop"]["ai_fps"] / standalone_fps
+        if flops:
+            entry["unet_gflop"] = flops / 1e9
+            entry["unet_gflops_per_s"] = flops / 1e9 / (stages["unet"]["median"] / 1000)
+        summary[name] = entry
+    ran = {name: entry for name, entry in summary.items() if "skipped" not in entry}
+    reference = ran.get("mlx") or next(iter(ran.values()), None)
+    for entry in ran.values():
+        # > 1 means slower than MLX: this backend's frame time over MLX's.
+        entry["time_vs_mlx"] = entry["encode_unet_decode_ms"] / reference["encode_unet_decode_ms"]
+    return summary
+
+
+def system_info(args: argparse.Namespace, frames_note: str) -> dict:
+    import mlx.core as mx
+
+    from mlx_sdxs import __version__, _blas, native, runtime
+
+    dtype = runtime.parse_dtype(args.dtype)
+    described = runtime.describe(dtype)
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(), "os": platform.platform(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
+        "mlx": mx.__version__, "mlx_device": described["device"], "mlx_sdxs": __version__,
+        "mlx_blas": _blas.status(), "numpy": np.__version__,
+        "dtype": described["dtype"], "kernels": described["kernels"], "kernels_requested": described["kernels_requested"],
+        "native_kernels": native.status(),
+        "openblas_env_unset_for_bench": os.environ.get("MLX_SDXS_BENCH_UNSET_OPENBLAS", "") or "none were set",
+        "frames": frames_note, "preset": args.preset if args.checkpoint is None else str(args.checkpoint),
+    }
+    for package in ("torch", "diffusers", "onnxruntime", "coremltools"):
+        try:
+            info[package] = importlib.metadata.version(package)  # no import: coremltools is noisy off macOS
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas_kernels"] = sorted({f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} "
+                                       f"({p.get('num_threads')} threads)"
+                                       for p in threadpool_info() if p.get("user_api") == "blas"})
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
