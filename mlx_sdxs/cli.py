@@ -204,14 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("export", help="diffusers checkpoint → CoreML packages or ONNX graphs (comparison backends)")
-    p.add_argument("format", choices=("coreml", "onnx"))
-    p.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
-    p.add_argument("out", type=Path, help="output folder (replaced if it exists)")
-    p.add_argument("--render-size", type=options.size_pair("--render-size", (256, 1024)), default=(512, 512),
-                   metavar="WxH", help="static render size of the graphs (default 512)")
-    p.add_argument("--precision", choices=COREML_PRECISIONS, default="float16", help="CoreML compute precision")
-    p.add_argument("--minimum-deployment-target", choices=("macOS13", "macOS14", "macOS15"), default="macOS14")
-    p.set_defaults(run=cmd_export)
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, what in (("coreml", "CoreML ML Programs (the SDXS camera demo's backend; predicts on macOS)"),
+                       ("onnx", "ONNX graphs for ONNX Runtime")):
+        e = formats.add_parser(name, help=what, description=f"Export a diffusers checkpoint's UNet and VAE as {what}.")
+        e.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
+        e.add_argument("out", type=Path, help="output folder (replaced if it exists)")
+        e.add_argument("--render-size", type=options.size_pair("--render-size", (256, 1024)), default=(512, 512),
+                       metavar="WxH", help="static render size of the graphs (default 512)")
+        if name == "coreml":
+            e.add_argument("--precision", choices=COREML_PRECISIONS, default="float16", help="compute precision")
+            e.add_argument("--minimum-deployment-target", choices=("macOS13", "macOS14", "macOS15"), default="macOS14")
+        e.set_defaults(run=cmd_export)
 
     p = sub.add_parser("download", help="fetch a Hub model into the Hugging Face cache and convert it once")
     p.add_argument("repo", nargs="?", default=hub.DEFAULT_MODEL)

@@ -160,3 +160,15 @@ def test_every_backend_without_model_starts_or_explains_itself(backend, tmp_path
         return
     assert result.returncode == 0, result.stderr[-2000:]
     assert "RANDOM WEIGHTS" in result.stderr and "displayed 1" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["export", "coreml", "--help"], ["export", "onnx", "--help"], ["studio", "--help"],
+                                     ["convert", "--help"]])
+def test_installed_commands_have_help(command):
+    """From the installed entry point: the exports and the studio ship in the package (no `convert` top-level)."""
+    import shutil
+
+    entry = shutil.which("mlx-sdxs", path=str(Path(sys.executable).parent)) or "mlx-sdxs"
+    done = subprocess.run([entry, *command], capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert "usage: mlx-sdxs" in done.stdout

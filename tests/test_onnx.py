@@ -15,7 +15,6 @@ from mlx_sdxs.backends.exported import ExportManifest
 from mlx_sdxs.backends.onnx_backend import onnx_stream
 from mlx_sdxs.backends.torch_backend import torch_stream
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.export.onnx import export_onnx
 from mlx_sdxs.recipe import RecipeSettings
 from oracle import assert_parity
 
@@ -29,7 +28,10 @@ SETTINGS = RecipeSettings(render_size=256, feedback=0.1, seed=7)
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     checkpoint = build_checkpoint(root / "checkpoint")
-    return checkpoint, export_onnx(checkpoint, root / "onnx", render_size=256)
+    from mlx_sdxs.cli import main  # the installed command, `mlx-sdxs export onnx`
+
+    assert main(["export", "onnx", str(checkpoint), str(root / "onnx"), "--render-size", "256"]) == 0
+    return checkpoint, root / "onnx"
 
 
 def test_export_writes_graphs_and_manifest(exported):

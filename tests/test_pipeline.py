@@ -115,3 +115,24 @@ def test_sdxs_strength_warning(mlx_pipe):
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     with pytest.warns(UserWarning, match="mud"):
         pipe.img2img(image, "x", strength=0.5, size=SIZE)
+
+
+def test_parts_that_do_not_belong_together_are_refused_naming_both(mlx_pipe):
+    """A latent-channel or text-width mismatch, or an SD3/FLUX VAE (shift_factor), is a clear error, never a
+    silently wrong image."""
+    from dataclasses import replace
+
+    from mlx_sdxs.errors import ConfigError
+
+    parts = (mlx_pipe.unet, mlx_pipe.vae, mlx_pipe.text_encoder, mlx_pipe.tokenizer, mlx_pipe.scheduler)
+
+    class Swapped:
+        def __init__(self, module, **config):
+            self.config = replace(module.config, **config)
+
+    with pytest.raises(ConfigError, match=r"the vae makes 16-channel latents but the unet takes 4 channels"):
+        SDXSPipeline(parts[0], Swapped(parts[1], latent_channels=16), *parts[2:])
+    with pytest.raises(ConfigError, match=r"the text_encoder makes 768-wide embeddings but the unet attends to \[32\]"):
+        SDXSPipeline(parts[0], parts[1], Swapped(parts[2], hidden_size=768), *parts[3:])
+    with pytest.raises(ConfigError, match=r"the vae has shift_factor=0.1159"):
+        SDXSPipeline(parts[0], Swapped(parts[1], shift_factor=0.1159), *parts[2:])

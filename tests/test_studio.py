@@ -32,7 +32,7 @@ pytest.importorskip("starlette", reason="the studio extra is not installed")
 websockets = pytest.importorskip("websockets", reason="the studio extra is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
-URL_LINE = re.compile(r"studio at (http://127\.0\.0\.1:(\d+))/\?token=([\w-]+)")
+URL_LINE = re.compile(r"studio at http://[^/]+:(\d+)/\?token=([\w-]+)")
 
 
 class Studio:
@@ -46,7 +46,8 @@ class Studio:
             self.log.append(line)
             match = URL_LINE.search(line)
             if match:
-                self.base, self.port, self.token = match.group(1), int(match.group(2)), match.group(3)
+                self.port, self.token = int(match.group(1)), match.group(2)
+                self.base = f"http://127.0.0.1:{self.port}"
                 return
         raise AssertionError("studio printed no URL:\n" + "".join(self.log))
 
@@ -203,3 +204,75 @@ def test_sigterm_stops_the_studio_and_frees_the_port(tmp_path):
     assert code == 130 and "terminated (SIGTERM)" in err and "Traceback" not in err
     with socket.socket() as probe:  # the port is free again
         probe.bind(("127.0.0.1", studio.port))
+
+
+@pytest.mark.timeout(180)
+def test_twenty_viewers_leave_no_threads_fds_or_memory_behind(tmp_path):
+    """Structure, not speed (bench/studio_load.py measures the AI FPS): 20 viewers, one of them never reading,
+    then everyone leaves — the server's threads and file descriptors are back where they were."""
+    import psutil
+
+    studio = Studio(tmp_path, "--source", "synthetic")
+    process = psutil.Process(studio.process.pid)
+
+    def status() -> dict:
+        return json.loads(studio.get("/api/status")[2])
+
+    async def crowd():
+        viewers = [await websockets.connect(studio.ws_url(), max_size=2**24, ping_interval=None, close_timeout=1)
+                   for _ in range(20)]
+        for ws in viewers[1:]:
+            for _ in range(20):  # each reads a few frames; viewers[0] reads nothing at all
+                await ws.recv()
+        during = await asyncio.to_thread(status)
+        for ws in viewers:
+            await ws.close()
+        return during
+
+    try:
+        first = _wait_for_status(status, lambda s: s["inferred"] > 0)
+        threads, fds, rss = process.num_threads(), process.num_fds(), process.memory_info().rss
+        during = asyncio.run(crowd())
+        assert during["viewers"] == 20
+        after = _wait_for_status(status, lambda s: s["viewers"] == 0 and s["inferred"] > during["inferred"])
+        assert after["inferred"] > first["inferred"]  # the loop kept running with a stuck viewer
+        assert process.num_threads() <= threads and process.num_fds() <= fds
+        assert process.memory_info().rss - rss < 100 << 20
+    finally:
+        studio.stop()
+
+
+def _wait_for_status(read, predicate, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = read()
+        if predicate(status):
+            return status
+        time.sleep(0.2)  # another process's state: poll its status route
+    raise AssertionError("status never matched")
+
+
+@pytest.mark.timeout(60)
+def test_camera_runs_without_the_studio_extra_and_says_what_the_preview_needs(tmp_path):
+    """`camera` keeps working when starlette/uvicorn are not installed; --preview-port then says what is missing."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['starlette'] = None\nsys.modules['uvicorn'] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    base = [sys.executable, "-m", "mlx_sdxs.cli", "camera", "--model", "random-tiny", "--source", "synthetic",
+            "--headless", "--render-size", "128", "--max-frames", "2"]
+    plain = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=50)
+    assert plain.returncode == 0, plain.stderr
+    preview = subprocess.run([*base, "--preview-port", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=50)
+    assert preview.returncode == 1 and "pip install 'mlx-sdxs[studio]'" in preview.stderr
+    assert "Traceback" not in preview.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_host_other_than_loopback_gets_a_warning(tmp_path):
+    studio = Studio(tmp_path, "--host", "0.0.0.0")
+    try:
+        assert any("warning: listening on 0.0.0.0" in line for line in studio.log)
+    finally:
+        studio.stop()
