@@ -198,13 +198,16 @@ def measure_size(size: int, names: list[str], frames: list, source: Path, conver
                          "threads": backend_threads(backend)}
     # Rounds of a few frames per backend, backend after backend: the machine's noise hits every backend
     # alike, while each backend's thread pool (OpenBLAS, OpenMP, ORT) gets the cores to itself within a round
-    # (frame-by-frame alternation made torch's OpenMP threads fight OpenBLAS's spinning workers).
+    # (frame-by-frame alternation made torch's OpenMP threads fight OpenBLAS's spinning workers). Each round
+    # opens with one untimed frame: the previous backend's idle threads still spin for a while after its last
+    # frame, and whichever backend came next paid for them (MLX's encode measured 102 ms after ORT, 80 alone).
     per_round = max(1, args.frames // 3)
     for name, backend in backends.items():
         for i in range(args.warmup):
             backend.process(frames[i % len(frames)])
     for first in range(0, args.frames, per_round):
         for name, backend in backends.items():
+            backend.process(frames[first % len(frames)])  # the round's untimed settling frame
             for i in range(first, min(first + per_round, args.frames)):
                 frame = frames[i % len(frames)]
                 backend.profile_stages = True

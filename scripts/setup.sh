@@ -64,4 +64,14 @@ if [ "$mode" = test ]; then
 else
   "${pip[@]}" -e ".[studio]"
 fi
+
+# --- Native CPU kernels (optional, x86-64 Linux; mlx_sdxs/_native): built when a C++ compiler and CMake are
+# here. The build pip-installs its own build-time packages (nanobind, oneDNN); a skipped or failed build prints
+# one line and never fails the setup: the `cpu` kernel policy then keeps the pure-MLX kernels.
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && command -v cmake >/dev/null \
+  && { command -v c++ || command -v g++ || command -v clang++; } >/dev/null; then
+  .venv/bin/python -m mlx_sdxs._native.build --install-deps || true
+else
+  echo "setup: native CPU kernels skipped (they need x86-64 Linux, a C++ compiler and CMake); using the pure-MLX CPU kernels"
+fi
 echo "setup: ready (.venv, mode=$mode, $(.venv/bin/python --version))"

@@ -36,6 +36,24 @@ class Conv2d(UsesOps, nn.Module):
         "relu" or "silu")."""
         return self.ops.conv2d(self, x, residual=residual, activation=activation)
 
+    def upsampled(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+        """conv(x nearest-upsampled to `size`), computed by the ops as one step."""
+        return self.ops.upsample_conv2d(self, x, size)
+
+
+class Linear(UsesOps, nn.Linear):
+    """`nn.Linear` computed by `self.ops`, with the residual add after it for the ops to fuse."""
+
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        return self.ops.linear(self, x, residual)
+
+
+class LayerNorm(UsesOps, nn.LayerNorm):
+    """`nn.LayerNorm` computed by `self.ops`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.ops.layer_norm(self, x)
+
 
 class GroupNorm(UsesOps, nn.Module):
     """PyTorch-semantics GroupNorm over NHWC (`nn.GroupNorm(..., pytorch_compatible=True)` parameters),
@@ -67,19 +85,6 @@ class Placeholder(nn.Module):
         return x if self._fn is None else self._fn(x)
 
 
-def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
-    """Nearest-neighbour resize of NHWC `x` to `size` (torch `interpolate(mode="nearest")`); a broadcast,
-    not a gather, for whole-number factors."""
-    batch, height, width, channels = x.shape
-    factor_y, factor_x = size[0] // height, size[1] // width
-    if (factor_y * height, factor_x * width) == tuple(size):
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, factor_y, width, factor_x, channels))
-        return x.reshape(batch, size[0], size[1], channels)
-    rows = (mx.arange(size[0]) * height) // size[0]
-    cols = (mx.arange(size[1]) * width) // size[1]
-    return x[:, rows][:, :, cols]
-
-
 class ResnetBlock2D(nn.Module):
     """diffusers' `ResnetBlock2D`: norm-silu-conv twice with a skip (1×1-projected when channels change);
     the UNet's adds the projected time embedding after the first conv."""
@@ -91,7 +96,7 @@ class ResnetBlock2D(nn.Module):
         self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
-            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+            self.time_emb_proj = Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -131,4 +136,4 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
-        return self.conv(upsample_nearest(x, size or (2 * x.shape[1], 2 * x.shape[2])))
+        return self.conv.upsampled(x, size or (2 * x.shape[1], 2 * x.shape[2]))

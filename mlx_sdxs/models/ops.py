@@ -1,6 +1,6 @@
 """The operations whose implementation depends on the kernel policy, and the portable set of them.
 
-Every model routes its convolutions, group norms, activations and attention through an `Ops`
+Every model routes its convolutions, linear layers, norms, activations and attention through an `Ops`
 object held by the module (`module.ops`). `PortableOps` — the default — uses MLX built-ins only:
 exactly what Metal and CUDA run. `mlx_sdxs.models.cpu_ops.CPUOps` swaps in CPU rewrites. Which set a
 loaded model gets is decided once, outside the models, by `mlx_sdxs.runtime` (the kernel policy);
@@ -48,6 +48,19 @@ def _affine_silu(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
 ACTIVATIONS = {None: None, "relu": nn.relu, "silu": nn.silu}
 
 
+def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
+    """Nearest-neighbour resize of NHWC `x` to `size` (torch `interpolate(mode="nearest")`); a broadcast,
+    not a gather, for whole-number factors."""
+    batch, height, width, channels = x.shape
+    factor_y, factor_x = size[0] // height, size[1] // width
+    if (factor_y * height, factor_x * width) == tuple(size):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, factor_y, width, factor_x, channels))
+        return x.reshape(batch, size[0], size[1], channels)
+    rows = (mx.arange(size[0]) * height) // size[0]
+    cols = (mx.arange(size[1]) * width) // size[1]
+    return x[:, rows][:, :, cols]
+
+
 def epilogue(y: mx.array, conv, residual: mx.array | None, activation: str | None) -> mx.array:
     """The conv epilogue as separate built-in ops: + bias, + residual, then the activation."""
     if "bias" in conv:
@@ -66,6 +79,20 @@ class PortableOps:
         """activation(conv(x) + bias + residual); `conv` is a `layers.Conv2d` (weight OHWI, optional bias,
         stride, padding), activation None, "relu" or "silu"."""
         return epilogue(mx.conv2d(x, conv.weight, conv.stride, conv.padding), conv, residual, activation)
+
+    def upsample_conv2d(self, conv, x: mx.array, size: tuple[int, int]) -> mx.array:
+        """conv(x nearest-upsampled to `size`): the pair every decoder and UNet upsampler runs, one op so
+        that a kernel set can compute it without the upsampled image."""
+        return self.conv2d(conv, upsample_nearest(x, size))
+
+    def linear(self, layer: nn.Linear, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x·Wᵀ + b (`layer` an `nn.Linear`), then + residual."""
+        y = nn.Linear.__call__(layer, x)
+        return y if residual is None else y + residual
+
+    def layer_norm(self, norm: nn.LayerNorm, x: mx.array) -> mx.array:
+        """LayerNorm over the last axis (`mx.fast.layer_norm` accumulates in float32 on every device)."""
+        return nn.LayerNorm.__call__(norm, x)
 
     def group_norm(self, norm, x: mx.array, with_silu: bool = False) -> mx.array:
         """PyTorch-semantics GroupNorm over NHWC (`norm` is a `layers.GroupNorm`), optionally then SiLU.

@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d, Placeholder, upsample_nearest
+from mlx_sdxs.models.layers import Conv2d, Placeholder
+from mlx_sdxs.models.ops import upsample_nearest
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,33 @@ class EncoderTiny(nn.Module):
         return x
 
 
+class NearestUpsample(Placeholder):
+    """The slot of diffusers' `nn.Upsample(scale_factor, mode="nearest")`."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def size(self, x: mx.array) -> tuple[int, int]:
+        return self.factor * x.shape[1], self.factor * x.shape[2]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return upsample_nearest(x, self.size(x))
+
+
 def run_layers(layers: list[nn.Module], x: mx.array) -> mx.array:
-    """Apply a checkpoint-indexed layer list, fusing a ReLU placeholder into the conv before it."""
+    """Apply a checkpoint-indexed layer list, fusing a ReLU placeholder into the conv before it and an
+    upsample into the conv after it."""
     i = 0
     while i < len(layers):
         layer = layers[i]
-        fused_relu = isinstance(layer, Conv2d) and i + 1 < len(layers) and getattr(layers[i + 1], "_fn", None) is nn.relu
-        x = layer(x, activation="relu") if fused_relu else layer(x)
-        i += 2 if fused_relu else 1
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, Conv2d) and getattr(following, "_fn", None) is nn.relu:
+            x, i = layer(x, activation="relu"), i + 2
+        elif isinstance(layer, NearestUpsample) and isinstance(following, Conv2d):
+            x, i = following.upsampled(x, layer.size(x)), i + 2
+        else:
+            x, i = layer(x), i + 1
     return x
 
 
@@ -126,7 +146,7 @@ class DecoderTiny(nn.Module):
         for i, num_blocks in enumerate(config.num_decoder_blocks):
             layers.extend(TinyBlock(channels[i]) for _ in range(num_blocks))
             if i != last:
-                layers.append(Placeholder(lambda x: upsample_nearest(x, (factor * x.shape[1], factor * x.shape[2]))))
+                layers.append(NearestUpsample(factor))
             out = channels[i] if i != last else config.out_channels
             layers.append(Conv2d(channels[i], out, kernel_size=3, padding=1, bias=i == last))
         self.layers = layers

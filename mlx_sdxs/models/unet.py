@@ -16,7 +16,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.models.layers import Conv2d, Downsample2D, GroupNorm, Placeholder, ResnetBlock2D, Upsample2D
+from mlx_sdxs.models.layers import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Placeholder,
+    ResnetBlock2D,
+    Upsample2D,
+)
 from mlx_sdxs.models.ops import UsesOps
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -200,12 +209,13 @@ class Attention(UsesOps, nn.Module):
         self.num_heads = num_heads
         self.scale = head_dim**-0.5
         self.upcast = upcast
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = [nn.Linear(inner, dim), Placeholder()]
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = [Linear(inner, dim), Placeholder()]
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array, residual: mx.array | None = None) -> mx.array:
+        """Attention of `x` over `context`, plus `residual` (added in the output projection's epilogue)."""
         batch, length, _ = x.shape
 
         def heads(t: mx.array) -> mx.array:
@@ -215,13 +225,13 @@ class Attention(UsesOps, nn.Module):
         if self.upcast:
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
         out = self.ops.attention(q, k, v, self.scale).astype(x.dtype)
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, length, -1), residual)
 
 
 class GEGLU(UsesOps, nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.proj(x), 2, axis=-1)
@@ -231,10 +241,10 @@ class GEGLU(UsesOps, nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.net = [GEGLU(dim, 4 * dim), Placeholder(), nn.Linear(4 * dim, dim)]
+        self.net = [GEGLU(dim, 4 * dim), Placeholder(), Linear(4 * dim, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        return self.net[2](self.net[0](x), residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -243,18 +253,18 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int, only_cross: bool, upcast: bool):
         super().__init__()
         self.only_cross = only_cross
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, num_heads, head_dim, context_dim if only_cross else dim, upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, num_heads, head_dim, context_dim, upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         normed = self.norm1(x)
-        x = x + self.attn1(normed, context if self.only_cross else normed)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(normed, context if self.only_cross else normed, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -267,21 +277,21 @@ class Transformer2DModel(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim  # < channels when heads do not divide them, as in diffusers
         self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.proj_in = Linear(channels, inner)
         self.transformer_blocks = [
             BasicTransformerBlock(
                 inner, heads, head_dim, level.cross_attention_dim, level.only_cross_attention, config.upcast_attention
             )
             for _ in range(level.transformer_layers)
         ]
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = Linear(inner, channels)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         batch, height, width, channels = x.shape
         h = self.proj_in(self.norm(x).reshape(batch, height * width, channels))
         for block in self.transformer_blocks:
             h = block(h, context)
-        return self.proj_out(h).reshape(x.shape) + x
+        return self.proj_out(h, residual=x.reshape(h.shape[:-1] + (channels,))).reshape(x.shape)
 
 
 class DownBlock(nn.Module):
@@ -355,8 +365,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 class TimestepEmbedding(UsesOps, nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(self.ops.silu(self.linear_1(x)))
