@@ -89,7 +89,7 @@ class NativeOps(CPUOps):
         shape = (out_c, 1, 1, in_c)
         packed = self._packed_weight(layer, "linear", lambda: weight.reshape(shape), shape, tokens.shape, call)
         skip = None if residual is None else residual.reshape(1, 1, -1, out_c)
-        y = self.ext.conv2d(tokens, packed, (out_c, 1, 1, in_c), bias, skip, *call[:3])
+        y = self.ext.conv2d(tokens, packed, shape, bias, skip, *call[:3])
         return y.reshape(*x.shape[:-1], out_c)
 
     def _packed_weight(self, layer, kind: str, weight: Callable[[], mx.array], weight_shape: tuple[int, ...],

@@ -296,6 +296,33 @@ def test_the_cpu_policy_uses_the_native_kernels_and_portable_never():
     assert native.status().startswith(f"built for mlx {mx.__version__}")
 
 
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 4096, 320), (2, 77, 1280), (3, 5)])
+def test_linear_fuses_the_residual_add(shape):
+    layer = nn.Linear(shape[-1], 24)
+    x, residual = mx.random.normal(shape), mx.random.normal((*shape[:-1], 24))
+    mx.eval(x, residual, layer.parameters())
+    actual = NATIVE.linear(layer, x, residual)
+    assert "SdxsConv2d" in _primitives(actual) and "Add" not in _primitives(actual)
+    assert_parity(np.array(actual), np.array(layer(x) + residual), FP32_RTOL, what="vs nn.Linear + residual")
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 4096, 320), (2, 77, 1280), (7, 13), (1, 3, 5, 640)])
+def test_layer_norm_matches_builtin_and_torch(shape):
+    norm = nn.LayerNorm(shape[-1])
+    norm.weight, norm.bias = mx.random.normal((shape[-1],)), mx.random.normal((shape[-1],))
+    x = mx.random.normal(shape) * 30 + 100  # a large mean: the two-pass variance must not cancel
+    actual = NATIVE.layer_norm(norm, x)
+    assert "SdxsLayerNorm" in _primitives(actual)
+    assert_parity(np.array(actual), np.array(norm(x)), FP32_RTOL, what="vs nn.LayerNorm")
+    expected = F.layer_norm(torch.from_numpy(np.array(x)).double(), (shape[-1],),
+                            torch.from_numpy(np.array(norm.weight)).double(),
+                            torch.from_numpy(np.array(norm.bias)).double(), norm.eps)
+    assert_parity(np.array(actual), expected.numpy(), FP32_RTOL, what="vs torch")
+    assert "SdxsLayerNorm" not in _primitives(NATIVE.layer_norm(norm, x.astype(mx.float16)))
+
+
 # --- the loader and the build, which need no built extension ----------------------------------------
 
 
@@ -354,30 +381,3 @@ def test_a_failed_build_leaves_not_built(monkeypatch, tmp_path):
         native_build.build()
     assert not record.exists()
     assert native_build.main([]) == 1
-
-
-@needs_ext
-@pytest.mark.parametrize("shape", [(1, 4096, 320), (2, 77, 1280), (3, 5)])
-def test_linear_fuses_the_residual_add(shape):
-    layer = nn.Linear(shape[-1], 24)
-    x, residual = mx.random.normal(shape), mx.random.normal((*shape[:-1], 24))
-    mx.eval(x, residual, layer.parameters())
-    actual = NATIVE.linear(layer, x, residual)
-    assert "SdxsConv2d" in _primitives(actual) and "Add" not in _primitives(actual)
-    assert_parity(np.array(actual), np.array(layer(x) + residual), FP32_RTOL, what="vs nn.Linear + residual")
-
-
-@needs_ext
-@pytest.mark.parametrize("shape", [(1, 4096, 320), (2, 77, 1280), (7, 13), (1, 3, 5, 640)])
-def test_layer_norm_matches_builtin_and_torch(shape):
-    norm = nn.LayerNorm(shape[-1])
-    norm.weight, norm.bias = mx.random.normal((shape[-1],)), mx.random.normal((shape[-1],))
-    x = mx.random.normal(shape) * 30 + 100  # a large mean: the two-pass variance must not cancel
-    actual = NATIVE.layer_norm(norm, x)
-    assert "SdxsLayerNorm" in _primitives(actual)
-    assert_parity(np.array(actual), np.array(norm(x)), FP32_RTOL, what="vs nn.LayerNorm")
-    expected = F.layer_norm(torch.from_numpy(np.array(x)).double(), (shape[-1],),
-                            torch.from_numpy(np.array(norm.weight)).double(),
-                            torch.from_numpy(np.array(norm.bias)).double(), norm.eps)
-    assert_parity(np.array(actual), expected.numpy(), FP32_RTOL, what="vs torch")
-    assert "SdxsLayerNorm" not in _primitives(NATIVE.layer_norm(norm, x.astype(mx.float16)))

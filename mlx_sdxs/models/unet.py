@@ -291,7 +291,7 @@ class Transformer2DModel(nn.Module):
         h = self.proj_in(self.norm(x).reshape(batch, height * width, channels))
         for block in self.transformer_blocks:
             h = block(h, context)
-        return self.proj_out(h, residual=x.reshape(h.shape[:-1] + (channels,))).reshape(x.shape)
+        return self.proj_out(h, residual=x.reshape(batch, height * width, channels)).reshape(x.shape)
 
 
 class DownBlock(nn.Module):

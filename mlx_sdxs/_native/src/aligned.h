@@ -48,6 +48,21 @@ inline void set_data_in_place_or_aligned(const mlx::core::array& x, mlx::core::a
     set_aligned_data(out);
 }
 
+// `a`'s elements copied into `copy` in row-major order, for an operand whose strides a kernel cannot walk.
+inline const float* row_major_copy(const mlx::core::array& a, std::vector<float>& copy) {
+  copy.resize(a.size());
+  const float* src = a.data<float>();
+  const auto& strides = a.strides();
+  std::vector<int> index(a.ndim(), 0);
+  for (size_t n = 0; n < a.size(); ++n) {
+    int64_t offset = 0;
+    for (int i = 0; i < a.ndim(); ++i) offset += index[i] * strides[i];
+    copy[n] = src[offset];
+    for (int i = a.ndim() - 1; i >= 0 && ++index[i] == a.shape(i); --i) index[i] = 0;
+  }
+  return copy.data();
+}
+
 // The CPU command encoder of `stream`, told which arrays the dispatched kernel reads and writes.
 inline mlx::core::cpu::CommandEncoder& encoder_for(const mlx::core::Stream& stream,
                                                    const std::vector<mlx::core::array>& inputs,

@@ -34,15 +34,8 @@ struct View {  // a (B, H, T, D) operand: element strides of B, H and T (D is co
 View view_of(const mx::array& a, std::vector<float>& copy) {
   const auto& st = a.strides();
   if (st[3] == 1 && st[2] >= a.shape(3)) return {a.data<float>(), st[0], st[1], st[2]};
-  copy.resize(a.size());
-  const float* src = a.data<float>();
-  size_t i = 0;
-  for (int b = 0; b < a.shape(0); ++b)
-    for (int h = 0; h < a.shape(1); ++h)
-      for (int t = 0; t < a.shape(2); ++t)
-        for (int d = 0; d < a.shape(3); ++d) copy[i++] = src[b * st[0] + h * st[1] + t * st[2] + d * st[3]];
   const int64_t dim = a.shape(3), t = a.shape(2), h = a.shape(1);
-  return {copy.data(), h * t * dim, t * dim, dim};
+  return {row_major_copy(a, copy), h * t * dim, t * dim, dim};
 }
 
 void attention_kernel(View q, View k, View v, float* out, int batch, int heads, int queries, int keys, int dim,

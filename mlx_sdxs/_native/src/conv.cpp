@@ -166,8 +166,8 @@ class Conv2d : public CPUOnlyPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const Conv2d&>(other);
-    return weight_shape_ == o.weight_shape_ && stride_ == o.stride_ && padding_ == o.padding_ && activation_ == o.activation_ && bias_ == o.bias_ &&
-           residual_ == o.residual_;
+    return weight_shape_ == o.weight_shape_ && stride_ == o.stride_ && padding_ == o.padding_ &&
+           activation_ == o.activation_ && bias_ == o.bias_ && residual_ == o.residual_;
   }
 
  private:
@@ -176,10 +176,6 @@ class Conv2d : public CPUOnlyPrimitive {
   int activation_;
   bool bias_, residual_;
 };
-
-}  // namespace
-
-namespace {
 
 mx::Shape checked_output_shape(const mx::Shape& x, const mx::Shape& w, std::pair<int, int> stride,
                                std::pair<int, int> padding, int activation) {

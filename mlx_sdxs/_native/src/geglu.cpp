@@ -59,16 +59,7 @@ Rows rows_of(const mx::array& a, std::vector<float>& copy) {
   bool folds = st[last] == 1;
   for (int i = 0; i + 1 < last && folds; ++i) folds = a.shape(i) == 1 || st[i] == a.shape(i + 1) * st[i + 1];
   if (folds) return {a.data<float>(), last > 0 ? st[last - 1] : a.shape(last)};
-  copy.resize(a.size());
-  const float* src = a.data<float>();
-  std::vector<int> index(a.ndim(), 0);
-  for (size_t n = 0; n < a.size(); ++n) {
-    int64_t offset = 0;
-    for (int i = 0; i <= last; ++i) offset += index[i] * st[i];
-    copy[n] = src[offset];
-    for (int i = last; i >= 0 && ++index[i] == a.shape(i); --i) index[i] = 0;
-  }
-  return {copy.data(), a.shape(last)};
+  return {row_major_copy(a, copy), a.shape(last)};
 }
 
 class Geglu : public CPUOnlyPrimitive {

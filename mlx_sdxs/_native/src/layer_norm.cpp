@@ -16,23 +16,13 @@ namespace sdxs {
 
 namespace {
 
-#ifdef SDXS_AVX2
-inline float lanes_sum(__m256 v) {
-  float lanes[8];
-  _mm256_storeu_ps(lanes, v);
-  float sum = 0.0f;
-  for (float lane : lanes) sum += lane;
-  return sum;
-}
-#endif
-
 void layer_norm_row(const float* x, const float* gamma, const float* beta, float* y, int channels, float eps) {
   int c = 0;
   float sum = 0.0f;
 #ifdef SDXS_AVX2
   __m256 vsum = _mm256_setzero_ps();
   for (; c + 8 <= channels; c += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(x + c));
-  sum = lanes_sum(vsum);
+  sum = simd::lanes_sum(vsum);
 #endif
   for (; c < channels; ++c) sum += x[c];
   const float mean = sum / channels;
@@ -45,7 +35,7 @@ void layer_norm_row(const float* x, const float* gamma, const float* beta, float
     const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + c), vmean);
     vsq = _mm256_fmadd_ps(d, d, vsq);
   }
-  squares = lanes_sum(vsq);
+  squares = simd::lanes_sum(vsq);
 #endif
   for (; c < channels; ++c) squares += (x[c] - mean) * (x[c] - mean);
   const float rstd = 1.0f / std::sqrt(squares / channels + eps);

@@ -47,6 +47,21 @@ inline __m256 silu8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
   return _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
+
+// The sum and the maximum of the eight lanes.
+inline float lanes_sum(__m256 v) {
+  float lanes[8], sum = 0.0f;
+  _mm256_storeu_ps(lanes, v);
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+inline float lanes_max(__m256 v) {
+  float lanes[8], max = -INFINITY;
+  _mm256_storeu_ps(lanes, v);
+  for (float lane : lanes) max = std::fmax(max, lane);
+  return max;
+}
 #endif
 
 // y[i] = x[i]·scale[i % channels] + shift[i % channels] (then SiLU) for `pixels` rows of `channels`.
@@ -76,9 +91,7 @@ inline float exp_minus_max(float* row, size_t n) {
 #ifdef SDXS_AVX2
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + i));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, vmax);
-  for (float lane : lanes) max = std::fmax(max, lane);
+  max = lanes_max(vmax);
 #endif
   for (; i < n; ++i) max = std::fmax(max, row[i]);
   float sum = 0.0f;
@@ -91,8 +104,7 @@ inline float exp_minus_max(float* row, size_t n) {
     _mm256_storeu_ps(row + i, e);
     vsum = _mm256_add_ps(vsum, e);
   }
-  _mm256_storeu_ps(lanes, vsum);
-  for (float lane : lanes) sum += lane;
+  sum = lanes_sum(vsum);
 #endif
   for (; i < n; ++i) {
     row[i] = exp_scalar(row[i] - max);
