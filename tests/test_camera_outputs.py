@@ -163,13 +163,16 @@ def test_broadcast_hands_out_the_newest_frame_lazily_to_thread_and_async_viewers
     assert seq == 3 and abs(int(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).mean()) - 30) <= 2
     assert broadcast.next(3, 0.01) is None  # never the same frame twice
 
+    writer = threading.Thread(target=broadcast.write, args=(camera_frame,))
+
     async def viewer():
         waiting = asyncio.ensure_future(broadcast.next_async(3, 5))
         await asyncio.sleep(0.05)
-        threading.Thread(target=broadcast.write, args=(camera_frame,)).start()
+        writer.start()
         return await waiting
 
     seq, jpeg = asyncio.run(viewer())
+    writer.join(timeout=5)  # the viewer wakes before the writer's thread has returned
     assert seq == 4 and cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == camera_frame.shape
     broadcast.close()
     assert broadcast.next(4, 5) is None and asyncio.run(broadcast.next_async(4, 5)) is None

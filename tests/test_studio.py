@@ -236,6 +236,10 @@ def test_twenty_viewers_leave_no_threads_fds_or_memory_behind(tmp_path):
         assert during["viewers"] == 20
         after = _wait_for_status(status, lambda s: s["viewers"] == 0 and s["inferred"] > during["inferred"])
         assert after["inferred"] > first["inferred"]  # the loop kept running with a stuck viewer
+        # The server closes a socket just after its handler returns (our status request's too): give it a moment.
+        deadline = time.monotonic() + 10
+        while (process.num_threads() > threads or process.num_fds() > fds) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert process.num_threads() <= threads and process.num_fds() <= fds
         assert process.memory_info().rss - rss < 100 << 20
     finally:
