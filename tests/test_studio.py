@@ -10,6 +10,7 @@ recordings; SIGTERM stops it cleanly and frees the port.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -138,15 +139,32 @@ def test_webcam_frames_come_back_and_bad_messages_are_dropped_and_counted(studio
             await ws.send(b"garbage, not an image")
             await ws.send(b"\xff\xd8\xff\xe0" + b"\x00" * 100)  # a JPEG start, then nothing decodable
             await ws.send("this is not JSON")  # wrong type of text message
-            outputs = []
-            for value in range(40, 240, 10):
-                await ws.send(_jpeg(value))
-                await asyncio.sleep(0.05)  # a webcam's pace; the server keeps only the newest anyway
-            status = await _status(ws, lambda s: s["frames_received"] >= 10 and s["inferred"] > 0)
-            while len(outputs) < 3:
-                message = await ws.recv()
-                if isinstance(message, bytes) and message[:1] == b"\x01":
-                    outputs.append(cv2.imdecode(np.frombuffer(message[1:], np.uint8), cv2.IMREAD_COLOR))
+            # A webcam keeps sending, and the server only infers frames newer than the last one it read: so the
+            # client sends until it has what it waits for, and collects AI frames while it waits for the status.
+            outputs, status = [], None
+
+            async def webcam():
+                for step in itertools.count():
+                    await ws.send(_jpeg(40 + 10 * (step % 20)))
+                    await asyncio.sleep(0.05)
+
+            async def collect():
+                nonlocal status
+                while status is None or len(outputs) < 3:
+                    message = await ws.recv()
+                    if isinstance(message, bytes) and message[:1] == b"\x01":
+                        outputs.append(cv2.imdecode(np.frombuffer(message[1:], np.uint8), cv2.IMREAD_COLOR))
+                    elif isinstance(message, str):
+                        data = json.loads(message)
+                        if data.get("type") == "status" and data["frames_received"] >= 10 and data["inferred"] > 0:
+                            status = data
+
+            sender = asyncio.ensure_future(webcam())
+            try:
+                await asyncio.wait_for(collect(), 120)
+            finally:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
             return status, outputs
 
     status, outputs = asyncio.run(session())
