@@ -132,13 +132,11 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
     _require_torch(choice.backend)
     checkpoint = diffusers_checkpoint(choice, log)
     if choice.backend == "torch":
-        import torch
+        from mlx_sdxs.backends.torch_backend import torch_dtype, torch_stream
 
-        from mlx_sdxs.backends.torch_backend import torch_stream
-
-        dtype = torch.float32 if choice.dtype == "auto" and (choice.device or "cpu") == "cpu" else \
-            getattr(torch, "float16" if choice.dtype == "auto" else choice.dtype)
-        recipe = torch_stream(checkpoint, settings, device=choice.device or "cpu", dtype=dtype, prompt=prompt)
+        device = choice.device or "cpu"
+        recipe = torch_stream(checkpoint, settings, device=device, dtype=torch_dtype(choice.dtype, device),
+                              prompt=prompt)
     elif choice.backend == "onnx":
         from mlx_sdxs.backends.onnx_backend import onnx_stream
 

@@ -179,6 +179,13 @@ class TorchEngine:
             torch.cuda.empty_cache()
 
 
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """The `--dtype` as a torch dtype; "auto" is float32 on the CPU and float16 on an accelerator."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, name)
+
+
 def torch_stream(checkpoint_dir: str | Path, settings: RecipeSettings = RecipeSettings(), device: str = "cpu",
                  dtype: torch.dtype = torch.float32, prompt: str | None = None) -> Recipe:
     """The camera recipe in PyTorch on a diffusers checkpoint folder."""
