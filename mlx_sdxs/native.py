@@ -14,17 +14,15 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 import mlx.core as mx
 
+from mlx_sdxs._native.build import BUILD_INFO
 from mlx_sdxs.models.cpu_ops import CPUOps
 
 NATIVE_ENV = "MLX_SDXS_NATIVE"
-#: Written by the build after the module linked: what it was built against.
-BUILD_INFO = Path(__file__).resolve().parent / "_native" / "build-info.json"
 BUILD_HINT = "bash scripts/setup.sh, or .venv/bin/python -m mlx_sdxs._native.build"
 _ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
 # GNU OpenMP's idle threads spin 300000 rounds after each parallel region by default, which on a small
@@ -71,8 +69,8 @@ class NativeOps(CPUOps):
         phase_shape = (4 * weight.shape[0], 2, 2, weight.shape[-1])
         call = ((1, 1), (1, 1), 0, bias is not None, False)
         packed = self._packed_weight(conv, "phases", lambda: phase_weight(weight), phase_shape, x.shape, call)
-        phases = self.ext.conv2d(x, packed, phase_shape, None if bias is None else mx.tile(bias, 4), None,
-                                 *call[:3])
+        phase_bias = None if bias is None else self._derived(conv, ("phase bias",), lambda: mx.tile(bias, 4))
+        phases = self.ext.conv2d(x, packed, phase_shape, phase_bias, None, *call[:3])
         return self.ext.phase_interleave(phases)
 
     def linear(self, layer, x: mx.array, residual: mx.array | None = None) -> mx.array:
@@ -95,18 +93,23 @@ class NativeOps(CPUOps):
     def _packed_weight(self, layer, kind: str, weight: Callable[[], mx.array], weight_shape: tuple[int, ...],
                        x_shape: tuple[int, ...], call: tuple) -> mx.array:
         """`weight()` (the `kind` of OHWI weight made from the layer's) in the blocked format oneDNN picked for
-        this call, made and packed once per kind and format and kept on the layer; dropped whenever
-        `layer.weight` is replaced (e.g. by `load_weights`). The array's buffer cannot tell: MLX lets a later
-        op reuse a buffer in place."""
-        cached = getattr(layer, "_native_packed", None)
-        if cached is None or cached[0] is not layer.weight:
-            cached = (layer.weight, {})
-            object.__setattr__(layer, "_native_packed", cached)
-        packings = cached[1]
+        this call, made and packed once per kind and format."""
         key = (kind, self.ext.conv_weight_format(x_shape, weight_shape, *call))
-        if key not in packings:
-            packings[key] = self.ext.pack_conv_weight(weight(), x_shape, *call)
-        return packings[key]
+        return self._derived(layer, key, lambda: self.ext.pack_conv_weight(weight(), x_shape, *call))
+
+    @staticmethod
+    def _derived(layer, key: tuple, make: Callable[[], mx.array]) -> mx.array:
+        """`make()`, an array derived from the layer's parameters, made once per key and kept on the layer;
+        dropped whenever `layer.weight` or its bias is replaced (e.g. by `load_weights`). The arrays' buffers
+        cannot tell: MLX lets a later op reuse a buffer in place."""
+        parameters = (layer.weight, layer.bias if "bias" in layer else None)
+        cached = getattr(layer, "_native_derived", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], parameters)):
+            cached = (parameters, {})
+            object.__setattr__(layer, "_native_derived", cached)
+        if key not in cached[1]:
+            cached[1][key] = make()
+        return cached[1][key]
 
     def group_norm(self, norm, x: mx.array, with_silu: bool = False) -> mx.array:
         channels = x.shape[-1]

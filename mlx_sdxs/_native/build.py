@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILD_DIR = HERE / "build"
+#: Written after the module linked: what it was built against (read by `mlx_sdxs.native` before importing it).
 BUILD_INFO = HERE / "build-info.json"
 #: Build-time Python packages: nanobind for the bindings; oneDNN 3.2 with GNU OpenMP (no SYCL/TBB runtime to
 #: pull in; the newer `onednn` wheels are the SYCL build). CMake comes from PyPI only when none is installed.
