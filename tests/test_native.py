@@ -152,6 +152,9 @@ def test_upsample_conv_repacks_replaced_weights_and_falls_back_for_other_cases()
     first = np.array(NATIVE.upsample_conv2d(conv, x, (12, 8)))
     conv.weight = conv.weight * 2
     assert_parity(np.array(NATIVE.upsample_conv2d(conv, x, (12, 8))), 2 * first - np.array(conv.bias), FP32_RTOL)
+    conv.bias = conv.bias + 1  # the cached phase bias follows a replaced bias
+    assert_parity(np.array(NATIVE.upsample_conv2d(conv, x, (12, 8))), 2 * first - np.array(conv.bias) + 2,
+                  FP32_RTOL)
     # Another factor, a 1×1 kernel, float16: the upsample and conv2d of the pure-MLX set.
     pointwise = _conv(8, 8, 1, 1, 0, True, seed=4)
     for layer, size, inputs in ((conv, (18, 12), x), (pointwise, (12, 8), x), (conv, (12, 8), x.astype(mx.float16))):
