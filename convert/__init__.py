@@ -1,3 +1,3 @@
 """Thin commands for a checkout: `python -m convert.mlx|coreml|onnx …` run what the installed CLI runs as
 `mlx-sdxs convert …` and `mlx-sdxs export coreml|onnx …` (the code lives in `mlx_sdxs.convert` and
-`mlx_sdxs.export`, shipped in the wheel)."""
+`mlx_sdxs.backends.export`, shipped in the wheel)."""

@@ -107,11 +107,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "coreml":
-        from mlx_sdxs.export.coreml import export_coreml
+        from mlx_sdxs.backends.export.coreml import export_coreml
 
         out = export_coreml(args.checkpoint, args.out, args.render_size, args.precision, args.minimum_deployment_target)
     else:
-        from mlx_sdxs.export.onnx import export_onnx
+        from mlx_sdxs.backends.export.onnx import export_onnx
 
         out = export_onnx(args.checkpoint, args.out, args.render_size)
     print(f"mlx-sdxs: exported {args.checkpoint} → {out} ({args.format}, {args.render_size[0]}x{args.render_size[1]})")

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from mlx_sdxs.reference import write_checkpoint
+from mlx_sdxs.backends.reference import write_checkpoint
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_to_unicode
 from oracle import randomize_
 

@@ -18,8 +18,8 @@ from mlx_sdxs.errors import BackendUnavailable, ConfigError
 from mlx_sdxs.recipe import RecipeSettings
 
 ct = pytest.importorskip("coremltools")
-from mlx_sdxs.export import Graph  # noqa: E402  (imports torch + diffusers; after the skip)
-from mlx_sdxs.export.coreml import convert_graph, export_coreml  # noqa: E402
+from mlx_sdxs.backends.export import Graph  # noqa: E402  (imports torch + diffusers; after the skip)
+from mlx_sdxs.backends.export.coreml import convert_graph, export_coreml  # noqa: E402
 
 pytestmark = pytest.mark.policy_independent  # see pyproject.toml
 

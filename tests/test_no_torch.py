@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -62,19 +64,35 @@ def test_layers_do_not_reach_up(module):
     assert not bad, f"importing {module} loads {bad}"
 
 
+PACKAGE = Path(__file__).resolve().parents[1] / "mlx_sdxs"
+
+
+def _imported_names(path: Path) -> list[str]:
+    """Every module `path` imports, read from the source, so a lazy import inside a function counts."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
 def test_models_import_only_mlx_numpy_and_errors():
     """Every module of `mlx_sdxs.models` imports MLX, numpy, the standard library, the errors module and
-    its own siblings — nothing above (read from the source, so a lazy import inside a function counts)."""
-    import ast
-    from pathlib import Path
-
+    its own siblings — nothing above."""
     allowed_roots = {"mlx", "numpy", "__future__", "math", "dataclasses", "functools", "typing"}
-    folder = Path(__file__).resolve().parents[1] / "mlx_sdxs" / "models"
-    for path in folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            for name in names:
-                ok = name.split(".")[0] in allowed_roots or name == "mlx_sdxs.errors" or \
-                    name.startswith("mlx_sdxs.models")
-                assert ok, f"{path.name} imports {name}"
+    for path in (PACKAGE / "models").glob("*.py"):
+        for name in _imported_names(path):
+            ok = name.split(".")[0] in allowed_roots or name == "mlx_sdxs.errors" or \
+                name.startswith("mlx_sdxs.models")
+            assert ok, f"{path.name} imports {name}"
+
+
+def test_only_the_backends_import_the_oracles():
+    """torch, diffusers, transformers, onnxruntime and coremltools appear only under `mlx_sdxs/backends/`."""
+    for path in PACKAGE.rglob("*.py"):
+        if PACKAGE / "backends" in path.parents:
+            continue
+        oracles = [name for name in _imported_names(path) if name.split(".")[0] in ORACLES]
+        assert not oracles, f"{path.relative_to(PACKAGE)} imports {oracles}"

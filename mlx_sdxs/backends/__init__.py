@@ -67,7 +67,7 @@ def random_checkpoint(preset: str = "sdxs-512-0.9", weights_root: Path | None = 
     """A diffusers checkpoint with seeded random weights in a preset's shape, built once under the weights
     folder (needs torch and diffusers, as the comparison backends do)."""
     from mlx_sdxs.convert import atomic_dir
-    from mlx_sdxs.reference import write_random_checkpoint
+    from mlx_sdxs.backends.reference import write_random_checkpoint
 
     folder = (weights_root or hub.default_weights_root()) / f"random-{preset}-diffusers"
     if not presets.is_random_checkpoint(folder):
@@ -107,11 +107,11 @@ def export_folder(choice: BackendChoice, checkpoint: Path, settings: RecipeSetti
         print(f"mlx-sdxs: exporting {checkpoint.name} to {choice.backend} at {settings.describe_size()} "
               f"(once, into {folder})…", file=log if log is not None else sys.stderr, flush=True)
         if choice.backend == "onnx":
-            from mlx_sdxs.export.onnx import export_onnx
+            from mlx_sdxs.backends.export.onnx import export_onnx
 
             export_onnx(checkpoint, folder, settings.render_size)
         else:
-            from mlx_sdxs.export.coreml import export_coreml
+            from mlx_sdxs.backends.export.coreml import export_coreml
 
             export_coreml(checkpoint, folder, settings.render_size)
     return folder

@@ -2,7 +2,7 @@
 
 It loads a diffusers checkpoint folder with diffusers/transformers and runs the shared recipe
 (`mlx_sdxs.recipe`) in torch (NCHW, on cpu/cuda/mps). The three graph wrappers below are also what
-`mlx_sdxs.export` writes to CoreML and ONNX, so every backend agrees on one definition of "VAE
+`mlx_sdxs.backends.export` writes to CoreML and ONNX, so every backend agrees on one definition of "VAE
 encode": image in [-1, 1] → latents already multiplied by the VAE's `scaling_factor` (UNet space),
 and "VAE decode": UNet-space latents → image in [-1, 1].
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlx_sdxs.export import Graph, export_graphs
+from mlx_sdxs.backends.export import Graph, export_graphs
 
 OPSET = 18
 

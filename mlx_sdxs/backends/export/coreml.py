@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mlx_sdxs.backends.exported import COREML_PRECISIONS as PRECISIONS
-from mlx_sdxs.export import Graph, export_graphs
+from mlx_sdxs.backends.export import Graph, export_graphs
 
 DEPLOYMENT_TARGETS = ("macOS13", "macOS14", "macOS15")
 
