@@ -87,14 +87,21 @@ def _jpeg(value: int, size=(96, 128)) -> bytes:
     return cv2.imencode(".jpg", frame)[1].tobytes()
 
 
+def _matching_status(message, predicate) -> dict | None:
+    """The status in a WebSocket message, if it is one and `predicate` accepts it."""
+    if isinstance(message, str):
+        data = json.loads(message)
+        if data.get("type") == "status" and predicate(data):
+            return data
+    return None
+
+
 async def _status(ws, predicate, timeout=60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        message = await asyncio.wait_for(ws.recv(), timeout)
-        if isinstance(message, str):
-            data = json.loads(message)
-            if data.get("type") == "status" and predicate(data):
-                return data
+        status = _matching_status(await asyncio.wait_for(ws.recv(), timeout), predicate)
+        if status is not None:
+            return status
     raise AssertionError("status never matched")
 
 
@@ -154,10 +161,8 @@ def test_webcam_frames_come_back_and_bad_messages_are_dropped_and_counted(studio
                     message = await ws.recv()
                     if isinstance(message, bytes) and message[:1] == b"\x01":
                         outputs.append(cv2.imdecode(np.frombuffer(message[1:], np.uint8), cv2.IMREAD_COLOR))
-                    elif isinstance(message, str):
-                        data = json.loads(message)
-                        if data.get("type") == "status" and data["frames_received"] >= 10 and data["inferred"] > 0:
-                            status = data
+                    status = status or _matching_status(
+                        message, lambda s: s["frames_received"] >= 10 and s["inferred"] > 0)
 
             sender = asyncio.ensure_future(webcam())
             try:
