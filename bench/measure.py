@@ -54,10 +54,15 @@ def prepare_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
     return source, converted
 
 
-class ReplaySource:
-    """Decoded frames replayed at a camera's rate: the loop measurement pays no decode/synthesis cost."""
+#: The loop's replay source runs far above any model's rate, so the loop FPS says what the loop can do (a 30 FPS
+#: camera would cap every backend at 30); paced, not spinning, so it takes almost no CPU itself.
+UNPACED_FPS = 1000.0
 
-    def __init__(self, frames: list, fps: float = 30.0):
+
+class ReplaySource:
+    """Decoded frames replayed at a fixed rate: the loop measurement pays no decode/synthesis cost."""
+
+    def __init__(self, frames: list, fps: float = UNPACED_FPS):
         from mlx_sdxs.camera.sources import Pacer
 
         self.name, self.fps, self.frames, self.count, self.pacer = "replay", fps, frames, 0, Pacer(fps)
@@ -94,6 +99,12 @@ def make_backend(name: str, size: int, checkpoint: Path, converted: Path, args: 
             backend = pipeline.stream(settings, PROMPT)
             backend.name = name
             return backend
+        if name == "torch-graph":
+            from mlx_sdxs.backends.torch_backend import torch_dtype, torch_stream
+
+            device = args.device or "cuda"
+            return torch_stream(checkpoint, settings, device, torch_dtype(args.torch_dtype, device), PROMPT,
+                                cuda_graph=True)
         choice = BackendChoice(backend=name, model=str(checkpoint), device=args.device, dtype=args.torch_dtype)
         return open_backend(choice, settings, PROMPT)
     except (SDXSError, ImportError, OSError) as exc:
@@ -140,31 +151,27 @@ def count_graph(outputs) -> Counter:
     return Counter(label for label in labels if label not in VIEW_PRIMITIVES)
 
 
-def primitives_per_frame(converted: Path, size: int, frame: np.ndarray) -> dict:
-    """Primitives one camera frame evaluates under `portable` float16 — what a GPU runs — from a graph walk."""
+def primitives_per_frame(pipeline, settings, frame: np.ndarray) -> dict:
+    """The primitives one camera frame evaluates on this device under this pipeline's policy: a walk of the
+    compiled frame's graph (the second frame's, feedback on), by kind, views left out."""
     import mlx.core as mx
 
-    from mlx_sdxs.pipeline import MLXEngine, SDXSPipeline
-    from mlx_sdxs.recipe import Recipe, RecipeSettings
+    from mlx_sdxs.pipeline import MLXEngine
+    from mlx_sdxs.recipe import Recipe
 
-    class GraphCapture(MLXEngine):
-        """Keeps the frame's output graph instead of evaluating it."""
+    class Unqueued(MLXEngine):
+        """Keeps the frame's graph instead of evaluating it."""
 
-        def to_nhwc(self, array):
-            self.graph = array
-            return np.zeros(array.shape, np.float32)
+        def start(self, arrays):
+            self.graph = list(arrays)
 
-    pipeline = SDXSPipeline.from_weights(converted, mx.float16, kernels="portable")
-    engine = GraphCapture(pipeline)
-    recipe = Recipe(engine, RecipeSettings(render_size=size), PROMPT)
-    recipe.previous = mx.zeros((1, size // 8, size // 8, pipeline.latent_channels))  # feedback in the graph
-    recipe.process(frame)
-    frame_counts = count_graph([engine.graph])
-    side = size // 8
-    unet_only = count_graph([pipeline.unet(mx.zeros((1, side, side, 4), mx.float16), mx.array([999]),
-                                           mx.zeros((1, 77, pipeline.text_encoder.config.hidden_size), mx.float16))])
-    return {"frame": sum(frame_counts.values()), "unet": sum(unet_only.values()),
-            "top": dict(frame_counts.most_common(8)), "policy": "portable", "dtype": "float16"}
+    recipe = Recipe(Unqueued(pipeline), settings, PROMPT)
+    recipe.submit(frame)
+    mx.eval(recipe.engine.graph)
+    recipe.submit(frame)
+    counts = count_graph(recipe.engine.graph)
+    return {"frame": sum(counts.values()), "top": dict(counts.most_common(12)), "kernels": pipeline.unet.ops.name,
+            "dtype": str(pipeline.dtype)}
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -287,6 +294,13 @@ def system_info(args: argparse.Namespace, frames_note: str) -> dict:
         try:
             info[package] = importlib.metadata.version(package)  # no import: coremltools is noisy off macOS
         except importlib.metadata.PackageNotFoundError:
+            pass
+    if args.device == "cuda" or runtime.on_cuda():
+        try:
+            import torch
+
+            info["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
+        except ImportError:
             pass
     try:
         from threadpoolctl import threadpool_info

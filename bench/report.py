@@ -16,7 +16,9 @@ def markdown(report: dict) -> str:
     info = report["system"]
     lines = [f"Device: {info['cpu']} ({info['cpu_count']} cores), {info['os']}; MLX {info['mlx']} on "
              f"{info['mlx_device']} with {info['mlx_blas']}; MLX dtype {info['dtype']}, kernels {info['kernels']} "
-             f"(policy {info['kernels_requested']}; native: {info['native_kernels']}); frames: {info['frames']}.", "",
+             f"(policy {info['kernels_requested']}; native: {info['native_kernels']})"
+             + (f"; torch on {info['torch_device']}" if info.get("torch_device") else "")
+             + f"; frames: {info['frames']}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     notes = []
     for size, backends in report["sizes"].items():
@@ -36,7 +38,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Not run:", *notes]
     primitives = report.get("primitives")
     if primitives:
-        lines += ["", "MLX primitives evaluated per camera frame (portable float16, what a GPU launches; views "
-                      "excluded): " + ", ".join(f"{size}: {p['frame']} (UNet {p['unet']})"
-                                               for size, p in primitives.items())]
+        first = next(iter(primitives.values()))
+        lines += ["", f"MLX primitives one compiled camera frame evaluates on {info['mlx_device']} ({first['kernels']} "
+                      f"kernels, {first['dtype']}; views excluded): "
+                      + ", ".join(f"{size}: {p['frame']}" for size, p in primitives.items())]
     return "\n".join(lines) + "\n"

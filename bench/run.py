@@ -39,13 +39,15 @@ def _reexec_without_openblas_overrides() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="mlx,torch,onnx,coreml",
-                        help="comma-separated: mlx, mlx-q8, mlx-q4 (MLX with nn.quantize on the UNet), torch, onnx, coreml")
+                        help="comma-separated: mlx, mlx-q8, mlx-q4 (MLX with nn.quantize on the UNet), torch, "
+                             "torch-graph (the frame as one CUDA graph; CUDA only), onnx, coreml")
     parser.add_argument("--sizes", default="256,512", help="render sizes, comma-separated (multiples of 64)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="diffusers checkpoint folder (default: random SDXS)")
     parser.add_argument("--preset", default="sdxs-512-0.9", help="shape of the random checkpoint (default sdxs-512-0.9)")
     parser.add_argument("--frames", type=int, default=6, help="timed frames per backend and size")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up frames per backend and size")
-    parser.add_argument("--loop-frames", type=int, default=6, help="AI frames through the 3-thread loop (0: skip)")
+    parser.add_argument("--loop-frames", type=int, default=6,
+                        help="AI frames through the 3-thread loop fed by an unpaced replay source (0: skip)")
     parser.add_argument("--images", type=Path, default=None, help="folder of frames (default ../shared/data/images, "
                         "else the synthetic scene)")
     parser.add_argument("--dtype", default="auto", help="MLX dtype (auto: float16 on a GPU, float32 on the CPU)")
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (cpu, cuda, mps) / ONNX provider (cpu, cuda)")
     parser.add_argument("--torch-dtype", default="auto", help="torch dtype (auto: float32 on cpu, float16 on cuda/mps)")
     parser.add_argument("--no-primitives", dest="primitives", action="store_false",
-                        help="skip the MLX primitive count (it loads the model once more)")
+                        help="skip the MLX primitive count of a compiled frame (it loads the model once more)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
     parser.add_argument("--keep-openblas-env", action="store_true", help="do not unset OPENBLAS_CORETYPE/L2_SIZE")
     return parser.parse_args(argv)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.measure import load_frames, measure_size, prepare_checkpoint, primitives_per_frame, system_info
     from bench.report import markdown
     from mlx_sdxs import runtime
+    from mlx_sdxs.pipeline import SDXSPipeline
+    from mlx_sdxs.recipe import RecipeSettings
 
     runtime.select_kernels(args.kernels)
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
@@ -79,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: render size {size}…", flush=True)
         report["sizes"][str(size)] = measure_size(size, names, frames, source, converted, args)
         if args.primitives and any(n.startswith("mlx") for n in names):
-            report["primitives"][str(size)] = primitives_per_frame(converted, size, frames[0])
+            pipeline = SDXSPipeline.from_weights(converted, runtime.parse_dtype(args.dtype), kernels=args.kernels)
+            report["primitives"][str(size)] = primitives_per_frame(pipeline, RecipeSettings(render_size=size), frames[0])
+            del pipeline
         print(markdown(report), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -137,7 +137,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"mlx-sdxs {__version__} · MLX {mx.__version__} · Python {platform.python_version()} · {platform.platform()}")
     print(f"device: {described['device']}  (default dtype {described['dtype']})")
     print(f"kernels: {described['kernels']} (policy {described['kernels_requested']}; "
-          f"set {runtime.KERNELS_ENV} or --kernels to auto, portable or cpu)")
+          f"set {runtime.KERNELS_ENV} or --kernels to {', '.join(runtime.KERNEL_POLICIES)})")
     if not runtime.on_gpu():
         print(f"BLAS:   {_blas.status()}")
         # mx.compile builds its fused CPU kernels with the system g++ (SiLU, GroupNorm+SiLU, softmax).

@@ -49,11 +49,15 @@ def fit(frame: np.ndarray, size: int | Size) -> np.ndarray:
     return cv2.resize(window, (width, height), interpolation=interpolation)
 
 
+def as_model_input(frame: np.ndarray, bgr: bool = True) -> np.ndarray:
+    """uint8 frame → float32 RGB in [-1, 1], NHWC batch of one."""
+    rgb = frame[..., ::-1] if bgr else frame
+    return (rgb.astype(np.float32) * (2.0 / 255.0) - 1.0)[None]
+
+
 def to_model_input(frame: np.ndarray, size: int | Size, bgr: bool = True) -> np.ndarray:
     """uint8 frame → float32 RGB in [-1, 1], NHWC batch of one, fitted to `size`."""
-    fitted = fit(frame, size)
-    rgb = fitted[..., ::-1] if bgr else fitted
-    return (rgb.astype(np.float32) * (2.0 / 255.0) - 1.0)[None]
+    return as_model_input(fit(frame, size), bgr)
 
 
 def from_model_output(image: np.ndarray, bgr: bool = True) -> np.ndarray:

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from mlx_sdxs._native.build import BUILD_INFO
 from mlx_sdxs.models.cpu_ops import CPUOps
+from mlx_sdxs.models.ops import derived
 
 NATIVE_ENV = "MLX_SDXS_NATIVE"
 BUILD_HINT = "bash scripts/setup.sh, or .venv/bin/python -m mlx_sdxs._native.build"
@@ -69,7 +70,7 @@ class NativeOps(CPUOps):
         phase_shape = (4 * weight.shape[0], 2, 2, weight.shape[-1])
         call = ((1, 1), (1, 1), 0, bias is not None, False)
         packed = self._packed_weight(conv, "phases", lambda: phase_weight(weight), phase_shape, x.shape, call)
-        phase_bias = None if bias is None else self._derived(conv, ("phase bias",), lambda: mx.tile(bias, 4))
+        phase_bias = None if bias is None else derived(conv, ("phase bias",), lambda: mx.tile(bias, 4))
         phases = self.ext.conv2d(x, packed, phase_shape, phase_bias, None, *call[:3])
         return self.ext.phase_interleave(phases)
 
@@ -95,21 +96,7 @@ class NativeOps(CPUOps):
         """`weight()` (the `kind` of OHWI weight made from the layer's) in the blocked format oneDNN picked for
         this call, made and packed once per kind and format."""
         key = (kind, self.ext.conv_weight_format(x_shape, weight_shape, *call))
-        return self._derived(layer, key, lambda: self.ext.pack_conv_weight(weight(), x_shape, *call))
-
-    @staticmethod
-    def _derived(layer, key: tuple, make: Callable[[], mx.array]) -> mx.array:
-        """`make()`, an array derived from the layer's parameters, made once per key and kept on the layer;
-        dropped whenever `layer.weight` or its bias is replaced (e.g. by `load_weights`). The arrays' buffers
-        cannot tell: MLX lets a later op reuse a buffer in place."""
-        parameters = (layer.weight, layer.bias if "bias" in layer else None)
-        cached = getattr(layer, "_native_derived", None)
-        if cached is None or any(a is not b for a, b in zip(cached[0], parameters)):
-            cached = (parameters, {})
-            object.__setattr__(layer, "_native_derived", cached)
-        if key not in cached[1]:
-            cached[1][key] = make()
-        return cached[1][key]
+        return derived(layer, key, lambda: self.ext.pack_conv_weight(weight(), x_shape, *call))
 
     def group_norm(self, norm, x: mx.array, with_silu: bool = False) -> mx.array:
         channels = x.shape[-1]

@@ -85,7 +85,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_kernel_argument(parser) -> None:
     parser.add_argument("--kernels", choices=runtime.KERNEL_POLICIES, default=None,
                         help=f"kernel policy (default ${runtime.KERNELS_ENV} or auto): portable = MLX built-ins, as "
-                             "on Metal/CUDA; cpu = the CPU rewrites; auto = cpu for float32 on the CPU")
+                             "on Metal; cuda = custom CUDA kernels (NVIDIA GPUs); cpu = the CPU rewrites; "
+                             "auto = cuda on a CUDA GPU, cpu for float32 on the CPU, else portable")
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:

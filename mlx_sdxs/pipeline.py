@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +17,7 @@ import numpy as np
 
 from mlx_sdxs import frames, hub, presets, runtime
 from mlx_sdxs.errors import ConfigError, ImageError
+from mlx_sdxs.models.unet import Conditioning
 from mlx_sdxs.recipe import LATENT_SCALE, Recipe, RecipeSettings, seed_noise
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, load_tokenizer
@@ -205,6 +206,11 @@ class SDXSPipeline:
 class MLXEngine:
     """The recipe's engine on an `SDXSPipeline`: NHWC `mx.array`s, lazily built, evaluated by `sync`.
 
+    A frame is one `mx.compile`d function (`frame_step`): uint8 in, uint8 out, every elementwise chain fused;
+    MLX retraces it for a new render size and never for a knob, whose values come in as arrays. What
+    depends only on the timestep (the time embedding's projections) is computed once per stream, and
+    what depends only on the conditioning (each cross-attention's keys and values) once per change.
+
     MLX graphs belong to the stream of the thread that built them. Once this engine is used inside a
     `runtime.thread_stream()` (the camera's inference thread), a call from any other thread raises
     `StreamOwnershipError` until that stream is released."""
@@ -216,6 +222,8 @@ class MLXEngine:
         self.latent_channels = pipeline.latent_channels
         self.label = pipeline.label
         self._owner: runtime.OwnedStream | None = None
+        self._time: dict[int, list[mx.array]] = {}
+        self._text = mx.compile(pipeline.unet.text_conditioning)
 
     def worker(self):
         return runtime.worker_thread()
@@ -227,6 +235,28 @@ class MLXEngine:
             owner.check(f"the MLX stream of {self.name}")
         self._owner = current
 
+    def frame_step(self, step: Callable) -> Callable:
+        """`step` (`recipe.denoise`) compiled whole, with this engine bound and the feedback as an array."""
+        compiled = mx.compile(lambda timestep, *arrays: step(self, timestep, *arrays))
+
+        def run(engine, timestep: int, frame, previous, noise, feedback: float, conditioning, clock=None):
+            return compiled(timestep, frame, previous, noise, mx.array(feedback, dtype=mx.float32), conditioning)
+
+        return run
+
+    def upload(self, frame: np.ndarray) -> mx.array:
+        return mx.array(frame)
+
+    def image_in(self, frame: mx.array) -> mx.array:
+        return frame[None, :, :, ::-1].astype(mx.float32) * (2.0 / 255.0) - 1.0
+
+    def image_out(self, image: mx.array) -> mx.array:
+        return mx.clip((image[0, :, :, ::-1] + 1.0) * 127.5 + 0.5, 0, 255).astype(mx.uint8)
+
+    def download(self, frame: mx.array) -> np.ndarray:
+        mx.eval(frame)  # waits with the GIL released
+        return np.array(frame)
+
     def from_nhwc(self, array: np.ndarray) -> mx.array:
         return mx.array(array, dtype=mx.float32)
 
@@ -236,8 +266,19 @@ class MLXEngine:
     def encode(self, image: mx.array) -> mx.array:
         return self.pipeline.encode(image)
 
-    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array) -> mx.array:
-        return self.pipeline.predict_noise(noisy, timestep, embeds)
+    def condition(self, embeds: mx.array) -> list[tuple[mx.array, mx.array]]:
+        return self._text(embeds)
+
+    def _time_conditioning(self, timestep: int) -> list[mx.array]:
+        if timestep not in self._time:  # evaluated at once: a constant of the compiled frame, not a step of it
+            self._time[timestep] = self.pipeline.unet.time_conditioning(timestep)
+            mx.eval(self._time[timestep])
+        return self._time[timestep]
+
+    def predict_noise(self, noisy: mx.array, timestep: int, conditioning: list) -> mx.array:
+        unet = self.pipeline.unet
+        cond = Conditioning(self._time_conditioning(timestep), conditioning)
+        return unet.predict(noisy.astype(self.pipeline.dtype), cond).astype(mx.float32)
 
     def decode(self, latent: mx.array) -> mx.array:
         return self.pipeline.decode(latent)
@@ -250,6 +291,9 @@ class MLXEngine:
 
     def from_embeds(self, embeds: np.ndarray) -> mx.array:
         return mx.array(embeds, dtype=mx.float32)
+
+    def start(self, arrays: Sequence[mx.array]) -> None:
+        mx.async_eval(*arrays)
 
     def sync(self, arrays: Sequence[mx.array]) -> None:
         mx.eval(*arrays)

@@ -1,16 +1,19 @@
 """The SDXS camera demo's per-frame recipe, written once for every array library.
 
-    fit the frame to the render size (centre crop to its aspect, resize) → RGB in [-1, 1] → VAE encode
+    fit the frame to the render size (centre crop to its aspect, resize; uint8, on the host)
+    → upload → RGB in [-1, 1] → VAE encode
     → latent = (1 − feedback)·latent + feedback·previous_denoised
     → noisy = √ᾱ·latent + √(1−ᾱ)·fixed_noise            (noise drawn once, from the random seed)
     → ε = UNet(noisy, t, prompt_embeds)
     → denoised = (noisy − √(1−ᾱ)·ε)/√ᾱ                  (kept as previous_denoised)
-    → VAE decode → [0, 255] uint8
+    → VAE decode → [0, 255] uint8 → download
 
 and on a prompt change `embeds += prompt_morph·(target − embeds)` once per frame (morph 0.05, as the
-demo). `Recipe` keeps that state and does that arithmetic with Python operators only, so one object
-runs unchanged on `mx.array`, `np.ndarray` and `torch.Tensor`: an `Engine` (MLX in `pipeline`,
-torch/ONNX/CoreML in `backends/`) supplies just the three model calls, array conversion and a sync.
+demo) until it has arrived. `denoise` is that frame in Python operators only, so it runs unchanged on
+`mx.array`, `np.ndarray` and `torch.Tensor`; `Recipe` keeps the stream's state around it. An `Engine`
+(MLX in `pipeline`, torch/ONNX/CoreML in `backends/`) supplies the three model calls, the frame and array
+conversions, the conditioning, and start/sync — and may replace `denoise` by a faster equivalent of it
+(MLX: the same function `mx.compile`d; torch on CUDA: captured as a CUDA graph).
 The latent arithmetic stays in float32 whatever the models compute in (√ᾱ at t=999 is 0.068: the
 x0 division amplifies half-precision rounding fifteen-fold, and feedback compounds it).
 
@@ -20,9 +23,10 @@ spherical interpolation (slerp keeps the norm, hence the noise's variance).
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -110,8 +114,10 @@ def fixed_noise(settings: RecipeSettings, channels: int) -> np.ndarray:
 
 
 class Engine(Protocol):
-    """What a backend supplies to the recipe. Arrays are the engine's own (any layout); `encode` returns
-    UNet-space latents (VAE scaling applied), `decode` takes them; latents and ε are float32."""
+    """What a backend supplies to the recipe. Arrays are the engine's own (any layout). Frames cross between
+    host and engine as uint8 BGR (H, W, 3) — a quarter of float32's bytes — and become [-1, 1] RGB in the
+    engine (`image_in`) and uint8 again there (`image_out`). `encode` returns UNet-space latents (VAE scaling
+    applied), `decode` takes them; latents and ε are float32."""
 
     name: str
     scheduler: OneStepScheduler
@@ -119,13 +125,29 @@ class Engine(Protocol):
     #: Shown on every output when set (random-weight models say so).
     label: str | None
 
+    def upload(self, frame: np.ndarray) -> Any:
+        """A fitted uint8 BGR (H, W, 3) frame → the engine's array (still uint8 BGR)."""
+
+    def image_in(self, frame: Any) -> Any:
+        """uint8 BGR (H, W, 3) → float32 RGB in [-1, 1], the models' layout, batch of one."""
+
+    def image_out(self, image: Any) -> Any:
+        """[-1, 1] RGB in the models' layout → uint8 BGR (H, W, 3), rounded like diffusers and clipped."""
+
+    def download(self, frame: Any) -> np.ndarray:
+        """The engine's uint8 BGR frame → numpy (waits for it)."""
+
     def from_nhwc(self, array: np.ndarray) -> Any: ...
 
     def to_nhwc(self, array: Any) -> np.ndarray: ...
 
     def encode(self, image: Any) -> Any: ...
 
-    def predict_noise(self, noisy: Any, timestep: int, embeds: Any) -> Any: ...
+    def condition(self, embeds: Any) -> Any:
+        """What `predict_noise` takes for these prompt embeddings (MLX: each cross-attention's keys and
+        values, computed once per conditioning instead of once per frame; others: `embeds` itself)."""
+
+    def predict_noise(self, noisy: Any, timestep: int, conditioning: Any) -> Any: ...
 
     def decode(self, latent: Any) -> Any: ...
 
@@ -134,6 +156,10 @@ class Engine(Protocol):
 
     def from_embeds(self, embeds: np.ndarray) -> Any: ...
 
+    def start(self, arrays: Sequence[Any]) -> None:
+        """Begin computing `arrays` without waiting (MLX: `mx.async_eval`; eager engines: nothing), so the
+        next frame's host work overlaps this frame's device work."""
+
     def sync(self, arrays: Sequence[Any]) -> None:
         """Block until `arrays` are computed (MLX: evaluate; torch CUDA: synchronise)."""
 
@@ -141,36 +167,102 @@ class Engine(Protocol):
         """Raise when called from a thread that may not run this engine's work (MLX streams are per thread)."""
 
     # Optional: `worker() -> context manager` for the thread that will run all of this engine's work
-    # (MLX: a stream that thread owns); engines without per-thread state leave it out.
+    # (MLX: a stream that thread owns); `frame_step(step) -> step` to replace the step function with a
+    # faster equivalent of it (MLX: `mx.compile`d). Engines without them leave them out.
 
     def close(self) -> None: ...
 
 
-@dataclass
+class HostFrames:
+    """The frame conversions of an engine whose arrays live on the host (numpy: the exported graphs' engines,
+    the tests' toys): uploads are no-ops, the [-1, 1] conversion is numpy's (`frames`), `from_nhwc` and
+    `to_nhwc` give the models' layout, and every call is synchronous."""
+
+    def upload(self, frame: np.ndarray) -> np.ndarray:
+        return frame
+
+    def image_in(self, frame: np.ndarray) -> Any:
+        return self.from_nhwc(frames.as_model_input(frame))
+
+    def image_out(self, image: Any) -> np.ndarray:
+        return frames.from_model_output(self.to_nhwc(image))
+
+    def download(self, frame: np.ndarray) -> np.ndarray:
+        return frame
+
+    def condition(self, embeds: Any) -> Any:
+        return embeds
+
+    def start(self, arrays: Sequence[Any]) -> None:
+        """Nothing to start: the arrays are computed already."""
+
+
 class StageClock:
     """Per-stage wall time of one frame. Stages are synchronised (and so timed) only while `profile` is
-    on: a sync between stages keeps the next from overlapping the previous. The bench and the camera's
-    stage readout use this one mechanism."""
+    on — a sync between stages keeps the next from overlapping the previous, and a compiled step has no
+    stages — the bench uses that. Otherwise a frame is timed as `host` (fit, upload, building and queueing
+    the step) and `frame` (submit to result), what the camera's readout shows."""
 
-    sync: Callable[[Sequence[Any]], None]
-    profile: bool = False
-    last_ms: dict[str, float] = field(default_factory=dict)
-    _marks: list[float] = field(default_factory=list)
+    def __init__(self, sync: Callable[[Sequence[Any]], None]):
+        self.sync = sync
+        self.profile = False
+        self.last_ms: dict[str, float] = {}
+        self._marks: list[float] = []
 
-    def start(self) -> None:
+    def start(self) -> float:
         self._marks = [time.perf_counter()]
+        return self._marks[0]
 
     def mark(self, *arrays: Any) -> None:
         if self.profile:
             self.sync(arrays)
             self._marks.append(time.perf_counter())
 
-    def finish(self) -> None:
+    def finish(self, started: float, submitted: float, profiled: bool) -> None:
         end = time.perf_counter()
-        if self.profile:
+        if profiled:
+            self._marks.append(end)
             self.last_ms = {s: 1000.0 * (b - a) for s, a, b in zip(STAGES, self._marks, self._marks[1:])}
         else:
-            self.last_ms = {"frame": 1000.0 * (end - self._marks[0])}
+            self.last_ms = {"host": 1000.0 * (submitted - started), "frame": 1000.0 * (end - started)}
+
+
+def denoise(engine: Engine, timestep: int, frame: Any, previous: Any, noise: Any, feedback: Any,
+            conditioning: Any, clock: StageClock | None = None) -> tuple[Any, Any]:
+    """One frame of the recipe on engine arrays: (uint8 BGR output, denoised latent for the next frame's
+    feedback). Python operators only, so it runs on every engine, and MLX compiles it whole. `feedback` is
+    0 on a stream's first frame (whose `previous` is zeros): (1 − 0)·latent + 0·0 is the latent exactly."""
+    scheduler = engine.scheduler
+    image = engine.image_in(frame)
+    if clock is not None:
+        clock.mark(image)
+    latent = engine.encode(image)
+    latent = (1.0 - feedback) * latent + feedback * previous
+    noisy = scheduler.add_noise(latent, noise, timestep)
+    if clock is not None:
+        clock.mark(noisy)
+    denoised = scheduler.predict_x0(noisy, engine.predict_noise(noisy, timestep, conditioning), timestep)
+    if clock is not None:
+        clock.mark(denoised)
+    decoded = engine.decode(denoised)
+    if clock is not None:
+        clock.mark(decoded)
+    return engine.image_out(decoded), denoised
+
+
+@dataclass
+class PendingFrame:
+    """A frame submitted to the engine and not yet read back (see `Recipe.submit`)."""
+
+    output: Any
+    started: float
+    submitted: float
+    profiled: bool
+
+
+#: A prompt morph stops when the distance left is this fraction of where it started: then the conditioning
+#: snaps to the target and is no longer recomputed every frame (≈ 270 frames at the demo's 5 %).
+MORPH_DONE = 1e-6
 
 
 class Recipe:
@@ -187,13 +279,24 @@ class Recipe:
         self.feedback = settings.feedback
         self.clock = StageClock(engine.sync)
         self._noise = engine.from_nhwc(fixed_noise(settings, engine.latent_channels))
-        self.previous: Any = None
+        #: The previous frame's denoised latent; zeros (with no feedback) before the first frame.
+        self.previous: Any = self._zero_latent()
+        self.has_previous = False
         self.embeds: Any = None
         self.target: Any = None
+        self._conditioning: Any = None
+        self._morph_frames_left = 0
         self._prompts: tuple[str, str | None] = ("", None)
         self.prompt_blend = 0.0
+        frame_step = getattr(engine, "frame_step", None)
+        self._step = frame_step(denoise) if frame_step is not None else denoise
         if prompt is not None:
             self.set_prompt(prompt)
+
+    def _zero_latent(self) -> Any:
+        width, height = self.settings.render_size
+        channels = self.engine.latent_channels
+        return self.engine.from_nhwc(np.zeros((1, height // LATENT_SCALE, width // LATENT_SCALE, channels), np.float32))
 
     # --- the Backend protocol of the camera loop ------------------------------------------------
     @property
@@ -231,10 +334,30 @@ class Recipe:
         embeds = self.engine.encode_prompt(prompt)
         if prompt_b is not None and self.prompt_blend > 0.0:
             embeds = slerp(embeds, self.engine.encode_prompt(prompt_b), self.prompt_blend)
-        target = self.engine.from_embeds(embeds)
+        self.target = self.engine.from_embeds(embeds)
         if self.embeds is None:
-            self.embeds = target
-        self.target = target
+            self._set_embeds(self.target)
+            # Computed now, not left as a graph: MLX graphs belong to the stream of the thread that built
+            # them, and the first prompt may be set on another thread than the one that runs the frames.
+            self.engine.sync([self._conditioning])
+        else:
+            self._morph_frames_left = _morph_frames(self.settings.prompt_morph)
+
+    def _set_embeds(self, embeds: Any) -> None:
+        self.embeds = embeds
+        self._conditioning = self.engine.condition(embeds)
+
+    @property
+    def morphing(self) -> bool:
+        """Whether the conditioning still moves towards the target (it is recomputed every frame until then)."""
+        return self._morph_frames_left > 0
+
+    def _morph_step(self) -> None:
+        self._morph_frames_left -= 1
+        if self._morph_frames_left == 0:
+            self._set_embeds(self.target)
+        else:
+            self._set_embeds(self.embeds + self.settings.prompt_morph * (self.target - self.embeds))
 
     @property
     def prompts(self) -> tuple[str, str | None]:
@@ -251,40 +374,42 @@ class Recipe:
     def warmup(self, frames_count: int = 2) -> None:
         """Run grey frames so the first real one pays no compile/allocation cost; the stream state
         (feedback latent, conditioning) is restored afterwards."""
-        state = (self.previous, self.embeds)
+        state = (self.previous, self.has_previous, self.embeds, self._conditioning, self._morph_frames_left)
         grey = np.full((self.settings.height, self.settings.width, 3), 127, np.uint8)
         for _ in range(frames_count):
             self.process(grey)
-        self.previous, self.embeds = state
+        self.previous, self.has_previous, self.embeds, self._conditioning, self._morph_frames_left = state
 
-    def process(self, frame_bgr: np.ndarray) -> np.ndarray:
-        """One camera frame (uint8 BGR, any size and aspect) → one stylised frame (uint8 BGR, render size)."""
+    def submit(self, frame_bgr: np.ndarray) -> PendingFrame:
+        """Start one camera frame (uint8 BGR, any size and aspect) through the models and return without
+        waiting for the device: the feedback latent it makes is already the input of the next `submit`,
+        so a caller may submit frame N+1 before it `collect`s frame N (one frame in flight)."""
         self.engine.check_thread()
         if self.embeds is None:
             raise ConfigError("set_prompt must be called before process")
         engine, clock = self.engine, self.clock
-        clock.start()
-        image = engine.from_nhwc(frames.to_model_input(frame_bgr, self.settings.render_size))
-        clock.mark(image)
+        profiled = clock.profile
+        started = clock.start()
+        if self.morphing:
+            self._morph_step()
+        frame = engine.upload(frames.fit(frame_bgr, self.settings.render_size))
+        feedback = self.feedback if self.has_previous else 0.0
+        step = denoise if profiled else self._step
+        output, self.previous = step(engine, self.timestep, frame, self.previous, self._noise, feedback,
+                                     self._conditioning, clock if profiled else None)
+        self.has_previous = True
+        engine.start([output, self.previous])
+        return PendingFrame(output, started, time.perf_counter(), profiled)
 
-        latent = engine.encode(image)
-        if self.previous is not None:
-            latent = (1.0 - self.feedback) * latent + self.feedback * self.previous
-        noisy = self.scheduler.add_noise(latent, self._noise, self.timestep)
-        clock.mark(noisy)
-
-        if self.target is not self.embeds:
-            self.embeds = self.embeds + self.settings.prompt_morph * (self.target - self.embeds)
-        epsilon = engine.predict_noise(noisy, self.timestep, self.embeds)
-        self.previous = self.scheduler.predict_x0(noisy, epsilon, self.timestep)
-        clock.mark(self.previous)
-
-        decoded = engine.decode(self.previous)
-        clock.mark(decoded)
-        frame = frames.from_model_output(engine.to_nhwc(decoded))
-        clock.mark()
-        clock.finish()
+    def collect(self, pending: PendingFrame) -> np.ndarray:
+        """The stylised frame (uint8 BGR, render size) of a submitted one; waits for the device."""
+        frame = self.engine.download(pending.output)
+        self.clock.finish(pending.started, pending.submitted, pending.profiled)
         return frame
+
+    def process(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """One camera frame (uint8 BGR, any size and aspect) → one stylised frame (uint8 BGR, render size)."""
+        return self.collect(self.submit(frame_bgr))
 
     def set_seed_blend(self, blend: float) -> None:
         """Move the fixed noise along the slerp from the `seed` noise to the `seed_b` noise."""
@@ -295,5 +420,14 @@ class Recipe:
 
     def close(self) -> None:
         """Drop the stream state and release the engine."""
-        self.previous = self.embeds = self.target = None
+        self.previous = self.embeds = self.target = self._conditioning = None
         self.engine.close()
+
+
+def _morph_frames(morph: float) -> int:
+    """Frames until a morph of `morph` per frame has `MORPH_DONE` of its distance left (1 for a jump)."""
+    if morph >= 1.0:
+        return 1
+    if morph <= 0.0:
+        return 0
+    return max(1, math.ceil(math.log(MORPH_DONE) / math.log(1.0 - morph)))

@@ -1,9 +1,10 @@
 """What this process computes on — device, default dtype, kernel policy, streams — decided here, once.
 
-The kernel policy (`MLX_SDXS_KERNELS=auto|portable|cpu`, or `--kernels` on every command):
-- `portable`: MLX built-ins only (`models.ops.PortableOps`), exactly what Metal and CUDA run;
+The kernel policy (`MLX_SDXS_KERNELS=auto|portable|cpu|cuda`, or `--kernels` on every command):
+- `portable`: MLX built-ins only (`models.ops.PortableOps`), what Metal runs;
 - `cpu`: the CPU rewrites (`models.cpu_ops.CPUOps`, or the native kernels when they are built);
-- `auto` (default): `cpu` for a float32 model on the CPU, `portable` everywhere else.
+- `cuda`: the portable set with custom CUDA kernels (`models.cuda_ops.CUDAOps`), on an NVIDIA GPU only;
+- `auto` (default): `cpu` for a float32 model on the CPU, `cuda` on a CUDA GPU, `portable` everywhere else.
 
 The policy is applied to each model when it is loaded (`apply_kernels`), so `load_unet` and the
 pipeline get the same choice; the models themselves never ask which device they are on.
@@ -11,9 +12,11 @@ pipeline get the same choice; the models themselves never ask which device they 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
@@ -21,21 +24,77 @@ import mlx.nn as nn
 
 from mlx_sdxs.errors import ConfigError, SDXSError
 from mlx_sdxs.models.cpu_ops import CPUOps
+from mlx_sdxs.models.cuda_ops import CUDAOps
 from mlx_sdxs.models.ops import PORTABLE, PortableOps, set_ops
 
-KERNEL_POLICIES = ("auto", "portable", "cpu")
+KERNEL_POLICIES = ("auto", "portable", "cpu", "cuda")
 KERNELS_ENV = "MLX_SDXS_KERNELS"
 #: The dtype names the CLI, the converter and the bench accept, and what they mean to MLX.
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
+CACHE_ENV = "MLX_SDXS_CACHE"
+_PTX_ENV = "MLX_PTX_CACHE_DIR"
+_GRAPHS_ENV = "MLX_USE_CUDA_GRAPHS"
+_SEEN_FILE = "kernels-seen.json"
+
 _CPU_OPS = CPUOps()
+_CUDA_OPS = CUDAOps()
 _selected_policy: str | None = None
 _thread = threading.local()
+
+
+def cache_root() -> Path:
+    """`$MLX_SDXS_CACHE`, else `$XDG_CACHE_HOME/mlx-sdxs` (`~/.cache/mlx-sdxs`): what mlx-sdxs keeps between
+    runs that is not weights (compiled GPU kernels, which render sizes were compiled)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-sdxs"
+
+
+# MLX compiles fused and custom CUDA kernels with NVRTC on first use and keeps the PTX in a temporary folder
+# by default (gone at reboot: tens of seconds again). Keep it in the cache instead, unless the user chose.
+# MLX reads the variable once, at its first CUDA compilation, which comes after this module is imported.
+os.environ.setdefault(_PTX_ENV, str(cache_root() / "cuda-ptx" / mx.__version__))
+# MLX's CUDA backend records every kernel into CUDA graphs on the host and replays them; for a frame of ~400
+# kernels that recording is the frame's cost. Launching them one by one measured 2.3× faster on an H200
+# (512², one frame in flight: 7.7 ms instead of 17.6; the camera loop 110 AI FPS instead of 52;
+# bench/results/gpu-h200-20261204.md). Read once, at MLX's first GPU work; the user's setting wins.
+os.environ.setdefault(_GRAPHS_ENV, "0")
+
+
+def _seen_path() -> Path:
+    return cache_root() / _SEEN_FILE
+
+
+def compiled_before(tag: str) -> bool:
+    """Whether kernels for `tag` (a backend and render size) were compiled on this machine, by this MLX."""
+    try:
+        return f"mlx {mx.__version__}: {tag}" in json.loads(_seen_path().read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def remember_compiled(tag: str) -> None:
+    """Record `tag` as compiled (see `compiled_before`); a cache that cannot be written is skipped."""
+    path = _seen_path()
+    try:
+        seen = set(json.loads(path.read_text())) if path.is_file() else set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial.write_text(json.dumps(sorted(seen | {f"mlx {mx.__version__}: {tag}"}), indent=1))
+        os.replace(partial, path)
+    except (OSError, ValueError):
+        pass
 
 
 def on_gpu() -> bool:
     """True when new arrays are computed on a GPU (Metal or CUDA)."""
     return mx.default_device().type == mx.DeviceType.gpu
+
+
+def on_cuda() -> bool:
+    """True when new arrays are computed on an NVIDIA GPU (MLX's CUDA backend)."""
+    return on_gpu() and mx.cuda.is_available()
 
 
 def default_dtype() -> mx.Dtype:
@@ -76,10 +135,14 @@ def requested_kernels() -> str:
 
 
 def resolve_kernels(dtype: mx.Dtype, policy: str | None = None) -> str:
-    """"portable" or "cpu" for a model computing in `dtype` on the default device."""
+    """"portable", "cpu" or "cuda" for a model computing in `dtype` on the default device."""
     policy = _check_policy(policy, "kernels") if policy is not None else requested_kernels()
     if policy == "auto":
-        return "cpu" if not on_gpu() and dtype == mx.float32 else "portable"
+        return "cuda" if on_cuda() else "cpu" if not on_gpu() and dtype == mx.float32 else "portable"
+    if policy == "cuda" and not on_cuda():
+        raise ConfigError("the cuda kernel policy needs MLX's CUDA backend on an NVIDIA GPU "
+                          "(pip install 'mlx-sdxs[cuda]'); here MLX computes on "
+                          f"{mx.default_device().type.name}: use auto, portable or cpu")
     return policy
 
 
@@ -87,6 +150,8 @@ def ops_for(policy: str) -> PortableOps:
     """The implementation set of a resolved policy; `cpu` prefers the native kernels when they load."""
     if policy == "portable":
         return PORTABLE
+    if policy == "cuda":
+        return _CUDA_OPS
     from mlx_sdxs import native
 
     return native.cpu_ops(_CPU_OPS) if not on_gpu() else _CPU_OPS

@@ -123,6 +123,13 @@ class FakeBackend:
         self.threads.add(threading.current_thread().name)
         self.warmed = True
 
+    def submit(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """No device: all the work happens here, and the handle is the result."""
+        return self.process(frame_bgr)
+
+    def collect(self, pending: np.ndarray) -> np.ndarray:
+        return pending
+
     def process(self, frame_bgr: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         self.threads.add(threading.current_thread().name)

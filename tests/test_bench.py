@@ -52,8 +52,8 @@ def test_bench_reports_every_stage_and_the_loop(tmp_path):
     assert report["system"]["mlx_blas"] and report["system"]["dtype"] and report["system"]["kernels"]
     assert report["system"]["kernels"] in results["mlx"]["backend"]  # e.g. "mlx-cpu (float32, cpu kernels)"
     primitives = report["primitives"]["64"]
-    assert primitives["policy"] == "portable" and primitives["dtype"] == "float16"
-    assert 0 < primitives["unet"] < primitives["frame"]
+    assert primitives["kernels"] in results["mlx"]["backend"] and primitives["frame"] > 0
+    assert "Convolution" in primitives["top"] or any("Conv2d" in kind for kind in primitives["top"])
 
 
 def test_bench_without_mlx_compares_against_the_first_backend_that_ran(tmp_path):

@@ -236,7 +236,16 @@ def test_similarity_gate_is_forced_open_after_a_prompt_change():
 
 @pytest.mark.timeout(20)
 def test_odd_frame_sizes_flow_through_backend_and_display():
-    display = DisplayStage(output_size=96, prompts=["x"])
+    class Shown:
+        view, frames = "display", []
+
+        def write(self, frame, now):
+            self.frames.append(frame)
+
+        def close(self):
+            pass
+
+    display = DisplayStage(output_size=96, prompts=["x"], sinks=[Shown()])
     presenter = Collector()
 
     class Both:
@@ -249,7 +258,7 @@ def test_odd_frame_sizes_flow_through_backend_and_display():
 
     run_loop(CountingSource(641, 479, fps=200), FakeBackend(render_size=(96, 64)), Both(), max_frames=3)
     assert presenter.results[0].camera.shape == (479, 641, 3) and presenter.results[0].ai.shape == (64, 96, 3)
-    assert display.last_frame.shape == (96, 288, 3)  # two 144×96 halves: the render aspect, 96 tall
+    assert display.sinks[0].frames[0].shape == (96, 288, 3)  # two 144×96 halves: the render aspect, 96 tall
 
 
 class TinySource:

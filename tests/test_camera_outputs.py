@@ -71,10 +71,23 @@ def _tick(ai_value: int, seq: int = 1, new: bool = True) -> Tick:
     return Tick(camera, seq, Result(seq, 0.0, camera, np.full((32, 32, 3), ai_value, np.uint8)), new)
 
 
+class _Discard:
+    """An output that takes the composed view and keeps nothing (so the display stage draws)."""
+
+    view = "display"
+
+    def write(self, frame, now):
+        pass
+
+    def close(self):
+        pass
+
+
 def test_display_stage_ema_keys_and_save(tmp_path):
     control = LoopControl()
     display = DisplayStage(output_size=32, prompts=list(GALLERY), ema=0.4, save_dir=tmp_path / "saved",
-                           overlay=False, prompt_b="a pencil sketch", prompt_blend=0.5, seed_blend=0.5)
+                           overlay=False, prompt_b="a pencil sketch", prompt_blend=0.5, seed_blend=0.5,
+                           sinks=[_Discard()])
     display.present(_tick(100), control)
     display.present(_tick(200, 2), control)
     assert np.all(np.abs(display.last_frame[:, 32:].astype(int) - (0.4 * 100 + 0.6 * 200)) <= 1)

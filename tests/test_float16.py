@@ -12,13 +12,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sdxs.models.cpu_ops import CPUOps
 from mlx_sdxs.models.layers import GroupNorm
-from mlx_sdxs.models.ops import PORTABLE, set_ops
+from mlx_sdxs.models.ops import set_ops
 from mlx_sdxs.models.unet import GEGLU
 from oracle import assert_parity
+from policies import op_sets
 
-OPS = {"portable": PORTABLE, "cpu": CPUOps()}
+OPS = op_sets()
 RTOL = 1e-2
 
 

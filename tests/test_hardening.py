@@ -41,6 +41,7 @@ from mlx_sdxs.errors import ConfigError, ImageError, SourceError, WeightsError
 from mlx_sdxs.imageio import read_image
 from mlx_sdxs.pipeline import SDXSPipeline
 from mlx_sdxs.presets import FOLDER as PRESETS
+from mlx_sdxs.recipe import RecipeSettings
 
 TIME_LIMIT_S = 2.0
 TINY = ("--model", "random-tiny", "--size", "64")
@@ -64,7 +65,10 @@ class Assets:
     def pipeline(self) -> SDXSPipeline:
         if self._pipeline is None:
             self._pipeline = _build_random("random-tiny")
-            self._pipeline.txt2img("warm-up", size=64)  # first-call kernel set-up is not what rows time
+            # First-use kernel compilation (seconds per new kernel on a GPU) is not what rows time.
+            self._pipeline.txt2img("warm-up", size=64)
+            self._pipeline.img2img(np.zeros((64, 64, 3), np.uint8), "warm-up", size=64)
+            self._pipeline.stream(RecipeSettings(render_size=128), "warm-up").warmup()
         return self._pipeline
 
     @property

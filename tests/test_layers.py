@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import FP32_RTOL, assert_parity, mlx_to_nchw
+from policies import cpu_only, op_sets
 
 from mlx_sdxs import runtime
 from mlx_sdxs.models.cpu_ops import CPUOps
@@ -25,7 +26,7 @@ from mlx_sdxs.models.ops import PORTABLE, gelu, set_ops
 
 FP16_RTOL = 1e-2
 CPU = CPUOps()
-OPS = {"portable": PORTABLE, "cpu": CPU}
+OPS = op_sets()
 
 
 def _conv(in_c: int, out_c: int, kernel: int, stride: int, padding: int, bias: bool, seed: int, ops=PORTABLE) -> Conv2d:
@@ -65,6 +66,7 @@ CASES = [
 ]
 
 
+@cpu_only
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("in_c,out_c,kernel,stride,padding,h,w,formulation", CASES)
 def test_cpu_conv_formulations_match_torch(in_c, out_c, kernel, stride, padding, h, w, formulation, bias):
@@ -95,6 +97,7 @@ def test_conv_fp16(ops, in_c, out_c, kernel, stride, padding, h, w, formulation)
     assert_parity(mlx_to_nchw(y), _torch_reference(conv, x).numpy(), FP16_RTOL, what=f"fp16 {formulation}")
 
 
+@cpu_only
 def test_winograd_at_sdxs_widths():
     """F(4,3)'s error grows with the reduction length: check the widest UNet input (1920 channels)."""
     conv = _conv(1920, 640, 3, 1, 1, True, seed=3, ops=CPU)
@@ -103,6 +106,7 @@ def test_winograd_at_sdxs_widths():
     assert_parity(mlx_to_nchw(conv(x)), _torch_reference(conv, x).numpy(), FP32_RTOL)
 
 
+@cpu_only
 def test_winograd_cache_follows_reloaded_weights(tmp_path):
     conv = _conv(1280, 128, 3, 1, 1, True, seed=1, ops=CPU)
     x = mx.random.normal((1, 16, 16, 1280))

@@ -14,7 +14,7 @@ import pytest
 
 from mlx_sdxs import frames
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.recipe import STAGES, Recipe, RecipeSettings, fixed_noise, seed_noise, slerp
+from mlx_sdxs.recipe import STAGES, HostFrames, Recipe, RecipeSettings, fixed_noise, seed_noise, slerp
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 
 SCHEDULER = OneStepScheduler(SchedulerConfig(timestep_spacing="trailing", steps_offset=1))
@@ -26,7 +26,7 @@ def toy_prompt(prompt: str) -> np.ndarray:
     return np.random.default_rng(abs(hash(prompt)) % 2**32).standard_normal((1, 77, 8)).astype(np.float32)
 
 
-class NumpyToy:
+class NumpyToy(HostFrames):
     """encode: 8×8 mean-pool + channel mix; ε: tanh(noisy)·0.5 + mean(embeds); decode: mix back, 8× repeat."""
 
     name, label, latent_channels, scheduler = "numpy-toy", None, 4, SCHEDULER
@@ -184,7 +184,7 @@ def test_stage_clock_times_every_stage_only_when_profiling():
     recipe = Recipe(MLXToy(), RecipeSettings(render_size=64), "x")
     frame = camera_frames(1)[0]
     recipe.process(frame)
-    assert set(recipe.last_stage_ms) == {"frame"}
+    assert set(recipe.last_stage_ms) == {"host", "frame"}
     recipe.profile_stages = True
     recipe.process(frame)
     assert tuple(recipe.last_stage_ms) == STAGES and all(ms >= 0 for ms in recipe.last_stage_ms.values())
@@ -195,7 +195,7 @@ def test_warmup_leaves_the_stream_state_as_it_was():
     first = recipe.process(camera_frames(1)[0])
     fresh = Recipe(NumpyToy(), RecipeSettings(render_size=64), "x")
     fresh.warmup()
-    assert fresh.previous is None
+    assert not fresh.has_previous
     np.testing.assert_array_equal(fresh.process(camera_frames(1)[0]), first)
 
 

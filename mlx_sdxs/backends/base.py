@@ -19,8 +19,8 @@ class Backend(Protocol):
     name: str
     #: (width, height) of the frames `process` returns.
     render_size: tuple[int, int]
-    #: When True, `process` synchronises at stage boundaries and fills `last_stage_ms` per stage;
-    #: otherwise `last_stage_ms` holds only the whole frame ("frame").
+    #: When True, `process` synchronises at stage boundaries and fills `last_stage_ms` per stage (the bench);
+    #: otherwise `last_stage_ms` holds the host work and the whole frame ("host", "frame").
     profile_stages: bool
     last_stage_ms: dict[str, float]
 
@@ -41,8 +41,15 @@ class Backend(Protocol):
     def warmup(self) -> None:
         """Run enough frames that the first real frame pays no compile/allocation cost."""
 
+    def submit(self, frame_bgr: np.ndarray) -> object:
+        """Start one camera frame (uint8 BGR, any size) without waiting for the device; returns a handle
+        for `collect`. The next `submit` may come before this frame's `collect` (one frame in flight)."""
+
+    def collect(self, pending: object) -> np.ndarray:
+        """The stylised frame (uint8 BGR, render size) of a submitted one; waits for it."""
+
     def process(self, frame_bgr: np.ndarray) -> np.ndarray:
-        """One camera frame (uint8 BGR, any size) → one stylised frame (uint8 BGR, render size)."""
+        """`collect(submit(frame_bgr))`."""
 
     def close(self) -> None:
         """Release models/devices; idempotent."""

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.recipe import RecipeSettings
+from mlx_sdxs.recipe import HostFrames, RecipeSettings
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 
 MANIFEST_FILE = "manifest.json"
@@ -88,7 +88,7 @@ class ExportManifest:
         return folder
 
 
-class ExportedEngine:
+class ExportedEngine(HostFrames):
     """Recipe engine over three exported graphs; subclasses implement `_run(component, feeds)`."""
 
     label = None
@@ -125,6 +125,7 @@ class ExportedEngine:
         return self._run("vae_encoder", {ENCODER_INPUT: image})
 
     def predict_noise(self, noisy: np.ndarray, timestep: int, embeds: np.ndarray) -> np.ndarray:
+        """`embeds` is the conditioning (`condition` keeps the embeddings as they are)."""
         feeds = (np.ascontiguousarray(noisy, dtype=np.float32), np.array([timestep], np.float32), embeds)
         return self._run("unet", dict(zip(UNET_INPUTS, feeds)))
 

@@ -12,7 +12,7 @@ Only the comparison backends and the exporters import this module; the MLX path 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -121,14 +121,19 @@ def check_device(device: str) -> None:
 
 
 class TorchEngine:
-    """The recipe's engine in PyTorch on a diffusers checkpoint folder (NCHW tensors)."""
+    """The recipe's engine in PyTorch on a diffusers checkpoint folder (NCHW tensors). With `cuda_graph` (CUDA
+    only) the whole frame step is captured once as a CUDA graph and replayed: the strongest torch path a
+    user would pick, the one MLX is measured against."""
 
     label = None
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 cuda_graph: bool = False):
         check_device(device)
-        self.name = f"torch-{device}"
-        self.device, self.dtype = device, dtype
+        if cuda_graph and device != "cuda":
+            raise BackendUnavailable(f"a CUDA graph needs the cuda device, not {device!r}")
+        self.name = f"torch-{device}" + ("-graph" if cuda_graph else "")
+        self.device, self.dtype, self.cuda_graph = device, dtype, cuda_graph
         self.unet = UNetEpsilon(load_unet(checkpoint_dir)).to(device=device, dtype=dtype)
         vae = load_vae(checkpoint_dir).to(device=device, dtype=dtype)
         self.encoder, self.decoder = VAEEncoder(vae), VAEDecoder(vae)
@@ -138,6 +143,28 @@ class TorchEngine:
 
     def check_thread(self) -> None:
         """torch has no per-thread streams to respect."""
+
+    def upload(self, frame: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(frame).to(self.device, non_blocking=True)
+
+    def image_in(self, frame: torch.Tensor) -> torch.Tensor:
+        return frame.flip(-1).permute(2, 0, 1)[None].float() * (2.0 / 255.0) - 1.0
+
+    def image_out(self, image: torch.Tensor) -> torch.Tensor:
+        return ((image[0].float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).flip(-1)
+
+    def download(self, frame: torch.Tensor) -> np.ndarray:
+        return frame.contiguous().cpu().numpy()
+
+    def condition(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds
+
+    def start(self, arrays: Sequence[torch.Tensor]) -> None:
+        """torch queues device work as it goes: nothing to start."""
+
+    def frame_step(self, step: Callable) -> Callable:
+        """`step` as it is, or (with `cuda_graph`) captured once per input shape and replayed."""
+        return CudaGraphStep(self, step) if self.cuda_graph else step
 
     def from_nhwc(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2))).to(self.device, torch.float32)
@@ -151,7 +178,8 @@ class TorchEngine:
 
     @torch.inference_mode()
     def predict_noise(self, noisy: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
-        t = torch.tensor([float(timestep)], device=self.device, dtype=self.dtype)
+        """`embeds` is the conditioning (`condition` keeps the embeddings as they are)."""
+        t = torch.full((1,), float(timestep), device=self.device, dtype=self.dtype)
         return self.unet(noisy.to(self.dtype), t, embeds.to(self.dtype)).float()
 
     @torch.inference_mode()
@@ -179,6 +207,40 @@ class TorchEngine:
             torch.cuda.empty_cache()
 
 
+class CudaGraphStep:
+    """A recipe step captured as one CUDA graph: inputs are copied into static tensors, the graph replays,
+    and the outputs are cloned out (the next replay overwrites them). Recaptured when a shape changes."""
+
+    def __init__(self, engine: TorchEngine, step: Callable):
+        self.engine, self.step = engine, step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _capture(self, timestep: int, tensors: list[torch.Tensor]) -> None:
+        self.inputs = [t.clone() for t in tensors]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up outside the graph (cuDNN/cuBLAS pick their algorithms)
+                self.step(self.engine, timestep, *self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.outputs = self.step(self.engine, timestep, *self.inputs)
+
+    def __call__(self, engine: TorchEngine, timestep: int, frame, previous, noise, feedback: float, conditioning,
+                 clock=None):
+        feedback = torch.full((), feedback, device=engine.device, dtype=torch.float32)
+        tensors = [frame, previous, noise, feedback, conditioning]
+        if self.graph is None or any(a.shape != b.shape for a, b in zip(tensors, self.inputs)):
+            self._capture(timestep, tensors)
+        for static, tensor in zip(self.inputs, tensors):
+            static.copy_(tensor)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.outputs)
+
+
 def torch_dtype(name: str, device: str) -> torch.dtype:
     """The `--dtype` as a torch dtype; "auto" is float32 on the CPU and float16 on an accelerator."""
     if name == "auto":
@@ -187,6 +249,6 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 
 def torch_stream(checkpoint_dir: str | Path, settings: RecipeSettings = RecipeSettings(), device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, prompt: str | None = None) -> Recipe:
+                 dtype: torch.dtype = torch.float32, prompt: str | None = None, cuda_graph: bool = False) -> Recipe:
     """The camera recipe in PyTorch on a diffusers checkpoint folder."""
-    return Recipe(TorchEngine(checkpoint_dir, device, dtype), settings, prompt)
+    return Recipe(TorchEngine(checkpoint_dir, device, dtype, cuda_graph), settings, prompt)

@@ -127,14 +127,22 @@ def run_camera(args: argparse.Namespace, make_backend: BackendFactory, *, studio
             if server is not None:
                 server.attach(backend)
             width, height = backend.render_size
+            kernels = f"{backend.name} at {width}x{height}"
+            warming = "warming up: " + ("the first frames allocate buffers…" if runtime.compiled_before(kernels) else
+                                        f"compiling kernels for {width}x{height} (first use on this machine, kept "
+                                        "for later runs)…")
             print(f"mlx-sdxs: {source.name} → {backend.name} at {width}x{height} "
-                  f"(prompt {prompt_index + 1}/{len(prompts)}: {args.prompt!r}); warming up: the first frames "
-                  "compile kernels and allocate buffers…", file=log, flush=True)
+                  f"(prompt {prompt_index + 1}/{len(prompts)}: {args.prompt!r}); {warming}", file=log, flush=True)
             looped = True
+
+            def ready(seconds: float) -> None:
+                runtime.remember_compiled(kernels)
+                print(f"mlx-sdxs: first frames through the model after {seconds:.1f} s", file=log, flush=True)
+
             run_loop(source, backend, display, control=control, prompt=args.prompt, warmup=True,
                      prompt_b=args.prompt_b, prompt_blend=args.prompt_blend if args.prompt_b else None,
                      max_frames=args.max_frames, duration=args.duration,
-                     similarity_threshold=args.similarity_threshold, log=log,
+                     similarity_threshold=args.similarity_threshold, log=log, on_ready=ready,
                      on_warmup=lambda s: print(f"mlx-sdxs: still warming up ({s:.0f} s): waiting for the first "
                                                "frames through the model", file=log, flush=True))
         except KeyboardInterrupt as exc:

@@ -362,7 +362,15 @@ class DisplayStage:
         self._shown_ai = self.ema * self._shown_ai + (1.0 - self.ema) * ai
         return np.clip(self._shown_ai + 0.5, 0, 255).astype(np.uint8)
 
+    @property
+    def draws(self) -> bool:
+        """Whether any output takes frames (a window or a sink); headless with only a status line, none does."""
+        return self.window is not None or bool(self.sinks)
+
     def present(self, tick: Tick, control: LoopControl) -> None:
+        if not self.draws:
+            self.idle(control)
+            return
         now = time.perf_counter()
         ai = self.smooth(tick.result.ai)
         camera = fit(tick.camera, (ai.shape[1], ai.shape[0]))

@@ -38,8 +38,6 @@ INFERENCE_JOIN_S = 10.0
 THUMBNAIL_SIDE = 32
 #: Without a camera frame for this long, a new AI result is displayed on its own tick.
 STALLED_SOURCE_S = 0.1
-#: One frame in this many is timed stage by stage (the sync between stages costs a little overlap).
-PROFILE_EVERY = 10
 
 
 class WorkerError(SDXSError):
@@ -149,7 +147,7 @@ class LoopStats:
     results_displayed: int = 0
     elapsed_s: float = 0.0
     stop_reason: str = ""
-    #: The newest per-stage timing of the backend (ms), sampled every `PROFILE_EVERY` frames.
+    #: The backend's timing of its newest frame (ms; the recipe's: host work, submit to result).
     stage_ms: dict[str, float] = field(default_factory=dict)
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
     ai_rate: RateMeter = field(default_factory=RateMeter, repr=False)
@@ -240,7 +238,8 @@ class LoopControl:
 
 
 class Presenter(Protocol):
-    """The display stage; runs on the thread that called `run_loop` (OpenCV windows need the main thread on macOS)."""
+    """The display stage; runs on the thread that called `run_loop` (OpenCV windows need the main thread on macOS).
+    A presenter may say `draws = False` (nothing to draw now): it is then called once per new result only."""
 
     def present(self, tick: Tick, control: LoopControl) -> None: ...
 
@@ -355,7 +354,11 @@ def apply_requests(backend: Backend, requests: dict[str, object]) -> bool:
 
 class InferenceStage:
     """Prompt, warm-up and every frame through the backend, on one thread that owns the backend's
-    device stream (`backend.worker()`); results go to the display's result slot."""
+    device stream (`backend.worker()`); results go to the display's result slot.
+
+    One frame in flight: when the next camera frame is already there, it is submitted before the current
+    one is read back, so this thread's host work (fit, upload, building the next frame) overlaps the
+    device's; when none is there, the current one is read back at once (no added latency)."""
 
     def __init__(self, backend: Backend, frames: LatestSlot, results: LatestSlot, control: LoopControl,
                  shutdown: Shutdown, *, prompt: str | None, warmup: bool, similarity_threshold: float,
@@ -377,7 +380,7 @@ class InferenceStage:
             self.results.close()
 
     def _run(self) -> None:
-        stats, backend = self.control.stats, self.backend
+        backend = self.backend
         if self.prompt is not None:
             if self.prompt_b is None:
                 backend.set_prompt(self.prompt)
@@ -386,28 +389,42 @@ class InferenceStage:
         if self.warmup:
             backend.warmup()
         self.ready.set()
+        in_flight: tuple[int, float, np.ndarray, object] | None = None
         while not self.shutdown.stopped:
-            taken = self.frames.take_newer(self.last_seq)
-            if taken is None or self.shutdown.stopped:
-                break
+            taken = self.frames.take_newer(self.last_seq, 0.0 if in_flight is not None else None)
+            if taken is None:
+                if in_flight is None:
+                    break  # the source ended (or the loop stops) and everything is delivered
+                self._deliver(in_flight)  # no newer frame yet: read this one back now
+                in_flight = None
+                continue
             self.last_seq, (captured_at, frame) = taken
             if apply_requests(backend, self.control.take_requests()):
                 self.gate.force(MORPH_FRAMES)
             if self.gate.should_skip(frame):  # never the first frame: the gate has no reference yet
-                stats.skipped_similar += 1
+                self.control.stats.skipped_similar += 1
                 continue
-            profile = stats.inferred % PROFILE_EVERY == 0
-            backend.profile_stages = profile
-            ai = backend.process(frame)
-            if profile:
-                stats.stage_ms = dict(backend.last_stage_ms)
-            stats.inferred += 1
-            stats.ai_rate.tick(time.perf_counter())
-            self.results.put(Result(self.last_seq, captured_at, frame, ai))
+            submitted = (self.last_seq, captured_at, frame, backend.submit(frame))
+            if in_flight is not None:
+                self._deliver(in_flight)
+            in_flight = submitted
+        if in_flight is not None:
+            self._deliver(in_flight)  # the device finishes it either way; the loop may still show it
+
+    def _deliver(self, in_flight: tuple[int, float, np.ndarray, object]) -> None:
+        seq, captured_at, frame, pending = in_flight
+        ai = self.backend.collect(pending)
+        stats = self.control.stats
+        stats.stage_ms = dict(self.backend.last_stage_ms)
+        stats.inferred += 1
+        stats.ai_rate.tick(time.perf_counter())
+        self.results.put(Result(seq, captured_at, frame, ai))
 
 
 class DisplayLoop:
-    """The main-thread stage: one tick per new camera frame (or new result), until a stop condition."""
+    """The main-thread stage: one tick per new camera frame (or new result), until a stop condition. A
+    presenter that draws nothing (`draws` False: headless, no outputs) ticks per new result only: nothing
+    wakes at the camera's rate to compose frames no one sees."""
 
     def __init__(self, cameras: LatestSlot, results: LatestSlot, condition: threading.Condition,
                  presenter: Presenter | None, control: LoopControl, shutdown: Shutdown, *,
@@ -423,7 +440,6 @@ class DisplayLoop:
 
     def run(self) -> str:
         """Returns the stop reason."""
-        stats = self.control.stats
         deadline = time.perf_counter() + self.duration if self.duration is not None else None
         camera_seq = result_seq = 0
         camera: np.ndarray | None = None
@@ -438,6 +454,20 @@ class DisplayLoop:
             if deadline is not None and now >= deadline:
                 return "duration"
             timeout = self.tick_s if deadline is None else max(0.0, min(self.tick_s, deadline - now))
+            if not self._follows_camera():
+                with self.condition:
+                    self.condition.wait_for(lambda: self.results.seq > result_seq or self.results.closed, timeout)
+                taken_result = self.results.take_newer(result_seq, 0)
+                if taken_result is None:
+                    if self.results.closed and self.results.seq <= result_seq:
+                        return "source ended"
+                    self.idle()
+                    continue
+                result_seq, result = taken_result
+                reason = self._show(Tick(result.camera, result.seq, result, True))
+                if reason:
+                    return reason
+                continue
             # Ticks follow the camera. A new AI result waits for the next camera frame (at most one frame
             # period), unless the source stalls or has ended: then it is shown on its own.
             stall_at = last_camera_at + STALLED_SOURCE_S
@@ -465,19 +495,29 @@ class DisplayLoop:
                     return "source ended"
                 self.idle()
                 continue
-            if self.presenter is not None:
-                self.presenter.present(Tick(camera if camera is not None else result.camera, camera_seq,
-                                            result, new_result), self.control)
-            now = time.perf_counter()
-            stats.displayed += 1
-            stats.display_rate.tick(now)
-            if new_result:
-                stats.results_displayed += 1
-                stats.latencies_s.append(now - result.captured_at)
-            if self.max_frames is not None and stats.displayed >= self.max_frames:
-                return "max frames"
-            if self.max_results is not None and stats.results_displayed >= self.max_results:
-                return "max results"
+            reason = self._show(Tick(camera if camera is not None else result.camera, camera_seq, result, new_result))
+            if reason:
+                return reason
+
+    def _follows_camera(self) -> bool:
+        return self.presenter is not None and getattr(self.presenter, "draws", True)
+
+    def _show(self, tick: Tick) -> str:
+        """Present one tick and count it; the stop reason when a frame or result limit is reached."""
+        stats = self.control.stats
+        if self.presenter is not None:
+            self.presenter.present(tick, self.control)
+        now = time.perf_counter()
+        stats.displayed += 1
+        stats.display_rate.tick(now)
+        if tick.new_result:
+            stats.results_displayed += 1
+            stats.latencies_s.append(now - tick.result.captured_at)
+        if self.max_frames is not None and stats.displayed >= self.max_frames:
+            return "max frames"
+        if self.max_results is not None and stats.results_displayed >= self.max_results:
+            return "max results"
+        return ""
 
 
 def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None = None, *,
@@ -485,10 +525,11 @@ def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None 
              prompt_b: str | None = None, prompt_blend: float | None = None,
              max_frames: int | None = None, max_results: int | None = None, duration: float | None = None,
              similarity_threshold: float = 0.0, on_warmup: Callable[[float], None] | None = None,
-             log: TextIO | None = None) -> LoopStats:
+             on_ready: Callable[[float], None] | None = None, log: TextIO | None = None) -> LoopStats:
     """Run capture → inference → display until `max_frames` display ticks, `max_results` new AI results
     shown, `duration` seconds (counted from the end of warm-up), the source ended, the presenter quit,
-    or a stage failed. `on_warmup(elapsed_s)` is called every few seconds while the backend warms up.
+    or a stage failed. `on_warmup(elapsed_s)` is called every few seconds while the backend warms up, and
+    `on_ready(elapsed_s)` once when it is done.
 
     A worker's exception (and Ctrl-C / SIGTERM raised on this thread) stops every stage; after the
     threads are joined it is raised here. The caller owns `source`, `backend` and the presenter's outputs.
@@ -514,6 +555,8 @@ def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None 
         inference_thread.start()
         _wait_for_warmup(inference, shutdown, control, display, on_warmup)
         if inference.ready.is_set() and not shutdown.stopped and not control.quit_requested:
+            if on_ready is not None:
+                on_ready(time.perf_counter() - started)
             capture_thread.start()
             started = time.perf_counter()
             stats.stop_reason = display.run()

@@ -26,7 +26,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sdxs.models.ops import PortableOps
+from mlx_sdxs.models.ops import PortableOps, derived
 
 # Below this many input channels a tap GEMM is too thin for BLAS; im2col's copy is then small.
 _MIN_TAP_CHANNELS = 16
@@ -319,10 +319,5 @@ class CPUOps(PortableOps):
 
 
 def _cached_winograd_weight(conv, tile: int) -> mx.array:
-    """G·g·Gᵀ of the layer's weight, kept on the layer and recomputed whenever `weight` is replaced
-    (e.g. by `load_weights`: MLX arrays are immutable, so the cache remembers the source array)."""
-    cached = getattr(conv, "_winograd_cache", None)
-    if cached is None or cached[0] is not conv.weight or cached[1].shape[0] != (tile + 2) ** 2:
-        cached = (conv.weight, winograd_weight(conv.weight, tile))
-        object.__setattr__(conv, "_winograd_cache", cached)
-    return cached[1]
+    """G·g·Gᵀ of the layer's weight, kept on the layer until its weight is replaced (see `ops.derived`)."""
+    return derived(conv, ("winograd", tile), lambda: winograd_weight(conv.weight, tile))

@@ -102,11 +102,15 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
-    def __call__(self, x: mx.array, temb_act: mx.array | None = None) -> mx.array:
-        """`temb_act` is silu(time embedding), computed once per UNet forward for every resnet."""
+    def time_shift(self, temb_act: mx.array) -> mx.array:
+        """The (batch, channels) vector this block adds after `conv1`: its projection of silu(time embedding).
+        It depends on the timestep only, so a UNet computes it once per timestep, not once per frame."""
+        return self.time_emb_proj(temb_act)
+
+    def __call__(self, x: mx.array, time_shift: mx.array | None = None) -> mx.array:
         h = self.conv1(self.norm1(x, with_silu=True))
-        if temb_act is not None:
-            h = h + self.time_emb_proj(temb_act)[:, None, None, :]
+        if time_shift is not None:
+            h = h + time_shift[:, None, None, :]
         skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
         if self.output_scale != 1.0:  # scale each term first: their sum may exceed float16, the result not
             h = self.conv2(self.norm2(h, with_silu=True))

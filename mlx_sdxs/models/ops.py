@@ -7,7 +7,9 @@ loaded model gets is decided once, outside the models, by `mlx_sdxs.runtime` (th
 models never ask which device they run on.
 
 float16 rules, kept by every implementation (the true result fits float16, so must every intermediate):
-- attention scores are computed in float32 (q·kᵀ of two O(100) vectors already exceeds 65504);
+- attention scores are computed in float32 (q·kᵀ of two O(100) vectors already exceeds 65504): by MLX's
+  fused attention kernel, which takes half precision and keeps its scores and softmax in float32, or,
+  where no fused kernel takes the shape (the CPU, head sizes it lacks), by upcasting q, k and v;
 - GroupNorm statistics are float32 (squares of O(300) activations overflow);
 - GELU is `x · Φ(x)` with Φ computed first (diffusers' and MLX's `x·(1+erf)/2` doubles x first);
   GEGLU multiplies the value by GELU(gate), never value·gate first (300·(−300) → −inf, ·Φ = 0 → NaN).
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 _SQRT_HALF = 1 / math.sqrt(2)
+T = TypeVar("T")
 
 
 @partial(mx.compile, shapeless=True)
@@ -119,15 +124,39 @@ class PortableOps:
         return _geglu(value, gate)
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
-        """softmax(q·kᵀ·scale)·v over (B, heads, tokens, head_dim); float16 is computed in float32."""
+        """softmax(q·kᵀ·scale)·v over (B, heads, tokens, head_dim). Half precision goes to MLX's fused kernel
+        as it is (scores and softmax in float32 inside: one kernel, no upcast copies); where none takes the
+        shape, it is computed in float32."""
         mask = "causal" if causal else None
-        if q.dtype != mx.float16:
+        if q.dtype not in (mx.float16, mx.bfloat16):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        try:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, force_fused=True)
+        except ValueError:  # no fused kernel here: MLX's composition would compute q·kᵀ in half precision
+            pass
+        half = q.dtype
         q, k, v = (t.astype(mx.float32) for t in (q, k, v))
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).astype(mx.float16)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).astype(half)
 
 
 PORTABLE = PortableOps()
+
+
+def derived(layer: nn.Module, key: tuple, make: Callable[[], T]) -> T:
+    """`make()`, an array (or layer) derived from `layer`'s parameters (a packed or fused weight), made once
+    per key, evaluated at once (inside `mx.compile` it is then a constant, not a step of every call) and kept
+    on the layer; dropped whenever one of its parameters is replaced (e.g. by `load_weights`). The arrays'
+    buffers cannot tell: MLX lets a later op reuse a buffer in place, so identity is what counts."""
+    parameters = tuple(value for _, value in tree_flatten(layer.parameters()))
+    cached = getattr(layer, "_derived", None)
+    if cached is None or len(cached[0]) != len(parameters) or any(a is not b for a, b in zip(cached[0], parameters)):
+        cached = (parameters, {})
+        object.__setattr__(layer, "_derived", cached)
+    if key not in cached[1]:
+        made = make()
+        mx.eval(made.parameters() if isinstance(made, nn.Module) else made)
+        cached[1][key] = made
+    return cached[1][key]
 
 
 class UsesOps:

@@ -26,7 +26,7 @@ from mlx_sdxs.models.layers import (
     ResnetBlock2D,
     Upsample2D,
 )
-from mlx_sdxs.models.ops import UsesOps
+from mlx_sdxs.models.ops import UsesOps, derived
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -202,6 +202,16 @@ def _resnet_args(config: "UNetConfig") -> tuple[int, float, int]:
     return config.norm_num_groups, config.norm_eps, config.time_embedding_dim
 
 
+@dataclass
+class Conditioning:
+    """What a UNet forward needs besides the sample, computed apart because it changes less often:
+    `time`, per resnet, the vector it adds after its first conv (per timestep: once per stream); `text`,
+    per cross-attention, its keys and values of the text embeddings (per prompt: once per prompt change)."""
+
+    time: list[mx.array]
+    text: list[tuple[mx.array, mx.array]]
+
+
 class Attention(UsesOps, nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int, upcast: bool):
         super().__init__()
@@ -213,15 +223,36 @@ class Attention(UsesOps, nn.Module):
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = [Linear(inner, dim), Placeholder()]
+        #: Where its keys and values sit in `Conditioning.text`, for a cross-attention (set by the UNet).
+        self.text_index: int | None = None
 
-    def __call__(self, x: mx.array, context: mx.array, residual: mx.array | None = None) -> mx.array:
-        """Attention of `x` over `context`, plus `residual` (added in the output projection's epilogue)."""
+    def _heads(self, t: mx.array) -> mx.array:
+        """(B, tokens, heads·head_dim) → (B, heads, tokens, head_dim), a view."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def context_kv(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values of `context` in heads layout: for a cross-attention, once per prompt."""
+        return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+
+    def _fused_qkv(self) -> Linear:
+        """to_q, to_k and to_v as one layer (one matmul instead of three), made once from their weights."""
+        def make() -> Linear:
+            layer = Linear(self.to_q.weight.shape[1], 3 * self.to_q.weight.shape[0], bias=False)
+            layer.weight = mx.concatenate([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            layer.ops = self.ops
+            return layer
+        return derived(self, ("qkv", self.ops.name), make)
+
+    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array] | None = None,
+                 residual: mx.array | None = None) -> mx.array:
+        """Self-attention of `x`, or attention of `x` over the keys and values `kv` (see `context_kv`), plus
+        `residual` (added in the output projection's epilogue)."""
         batch, length, _ = x.shape
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))
+        if kv is None:  # (B, L, 3·heads·head_dim) → three (B, heads, L, head_dim) views, no copies
+            qkv = self._fused_qkv()(x).reshape(batch, length, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+            q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))
+        else:
+            q, (k, v) = self._heads(self.to_q(x)), kv
         if self.upcast:
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
         out = self.ops.attention(q, k, v, self.scale).astype(x.dtype)
@@ -260,10 +291,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        normed = self.norm1(x)
-        x = self.attn1(normed, context if self.only_cross else normed, residual=x)
-        x = self.attn2(self.norm2(x), context, residual=x)
+    def cross_attentions(self) -> list[Attention]:
+        return [self.attn1, self.attn2] if self.only_cross else [self.attn2]
+
+    def __call__(self, x: mx.array, cond: Conditioning) -> mx.array:
+        kv1 = cond.text[self.attn1.text_index] if self.only_cross else None
+        x = self.attn1(self.norm1(x), kv1, residual=x)
+        x = self.attn2(self.norm2(x), cond.text[self.attn2.text_index], residual=x)
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -286,12 +320,16 @@ class Transformer2DModel(nn.Module):
         ]
         self.proj_out = Linear(inner, channels)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cond: Conditioning) -> mx.array:
         batch, height, width, channels = x.shape
         h = self.proj_in(self.norm(x).reshape(batch, height * width, channels))
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, cond)
         return self.proj_out(h, residual=x.reshape(batch, height * width, channels)).reshape(x.shape)
+
+
+def _run_resnet(resnet: ResnetBlock2D, x: mx.array, cond: Conditioning) -> mx.array:
+    return resnet(x, cond.time[resnet.time_index])
 
 
 class DownBlock(nn.Module):
@@ -308,12 +346,12 @@ class DownBlock(nn.Module):
         if add_downsample:
             self.downsamplers = [Downsample2D(level.channels, config.downsample_padding)]
 
-    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
+    def __call__(self, x: mx.array, cond: Conditioning) -> tuple[mx.array, list[mx.array]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_act)
+            x = _run_resnet(resnet, x, cond)
             if "attentions" in self:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, cond)
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -337,13 +375,11 @@ class UpBlock(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(level.channels)]
 
-    def __call__(
-        self, x: mx.array, skips: list[mx.array], temb_act: mx.array, context: mx.array, size: tuple[int, int] | None
-    ) -> mx.array:
+    def __call__(self, x: mx.array, skips: list[mx.array], cond: Conditioning, size: tuple[int, int] | None) -> mx.array:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb_act)
+            x = _run_resnet(resnet, mx.concatenate([x, skips.pop()], axis=-1), cond)
             if "attentions" in self:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, cond)
         if "upsamplers" in self:
             x = self.upsamplers[0](x, size)
         return x
@@ -357,9 +393,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         # diffusers' mid block never takes only_cross_attention from the UNet config.
         self.attentions = [Transformer2DModel(replace(level, only_cross_attention=False), config)]
 
-    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> mx.array:
-        x = self.resnets[0](x, temb_act)
-        return self.resnets[1](self.attentions[0](x, context), temb_act)
+    def __call__(self, x: mx.array, cond: Conditioning) -> mx.array:
+        x = _run_resnet(self.resnets[0], x, cond)
+        return _run_resnet(self.resnets[1], self.attentions[0](x, cond), cond)
 
 
 class TimestepEmbedding(UsesOps, nn.Module):
@@ -411,6 +447,20 @@ class UNet2DConditionModel(UsesOps, nn.Module):
 
         self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps)
         self.conv_out = Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
+        for i, resnet in enumerate(self._resnets()):
+            resnet.time_index = i
+        for i, attention in enumerate(self._cross_attentions()):
+            attention.text_index = i
+
+    def _blocks(self) -> list[nn.Module]:
+        return [*self.down_blocks, *([self.mid_block] if "mid_block" in self else []), *self.up_blocks]
+
+    def _resnets(self) -> list[ResnetBlock2D]:
+        return [resnet for block in self._blocks() for resnet in block.resnets]
+
+    def _cross_attentions(self) -> list[Attention]:
+        return [attention for block in self._blocks() for transformer in getattr(block, "attentions", [])
+                for layer in transformer.transformer_blocks for attention in layer.cross_attentions()]
 
     def _timestep_features(self, timestep: float | mx.array, batch: int) -> mx.array:
         t = mx.broadcast_to(mx.array(timestep).astype(mx.float32).reshape(-1), (batch,))
@@ -421,31 +471,45 @@ class UNet2DConditionModel(UsesOps, nn.Module):
             features.append(mx.zeros((batch, 1)))
         return mx.concatenate(features, axis=-1)
 
+    def time_conditioning(self, timestep: float | mx.array, batch: int = 1) -> list[mx.array]:
+        """`Conditioning.time`: every resnet's projection of the time embedding, in `self.dtype`."""
+        dtype = self.conv_in.weight.dtype
+        temb = self.time_embedding(self._timestep_features(timestep, batch).astype(dtype))
+        temb_act = self.ops.silu(temb)
+        return [resnet.time_shift(temb_act) for resnet in self._resnets()]
+
+    def text_conditioning(self, encoder_hidden_states: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """`Conditioning.text`: every cross-attention's keys and values of the text embeddings (B, L, D)."""
+        context = encoder_hidden_states.astype(self.conv_in.weight.dtype)
+        return [attention.context_kv(context) for attention in self._cross_attentions()]
+
+    def conditioning(self, timestep: float | mx.array, encoder_hidden_states: mx.array) -> Conditioning:
+        return Conditioning(self.time_conditioning(timestep, encoder_hidden_states.shape[0]),
+                            self.text_conditioning(encoder_hidden_states))
+
     def __call__(self, sample: mx.array, timestep: float | mx.array, encoder_hidden_states: mx.array) -> mx.array:
         """`sample` (B, H, W, C); `timestep` a number, shape () or (B,); `encoder_hidden_states` (B, L, D)."""
-        dtype = sample.dtype
-        context = encoder_hidden_states.astype(dtype)
+        return self.predict(sample, self.conditioning(timestep, encoder_hidden_states))
+
+    def predict(self, sample: mx.array, cond: Conditioning) -> mx.array:
+        """ε for `sample` (B, H, W, C) under `cond` (see `conditioning`): the per-frame part of the UNet."""
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-
-        # time embedding; every resnet applies silu to it first, so do that once here
-        temb = self.time_embedding(self._timestep_features(timestep, sample.shape[0]).astype(dtype))
-        temb_act = self.ops.silu(temb)
 
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb_act, context)
+            x, block_skips = block(x, cond)
             skips += block_skips
 
         if "mid_block" in self:
-            x = self.mid_block(x, temb_act, context)
+            x = self.mid_block(x, cond)
 
         for block in self.up_blocks:
             taken = skips[-len(block.resnets) :]
             del skips[-len(block.resnets) :]
             # upsample to the next skip's size: equals 2× except for odd sizes on the way down
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = block(x, taken, temb_act, context, size)
+            x = block(x, taken, cond, size)
 
         return self.conv_out(self.conv_norm_out(x, with_silu=True))
