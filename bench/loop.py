@@ -40,6 +40,9 @@ class SimulatedDevice:
     def set_prompt(self, prompt, prompt_b=None, blend=None) -> None:
         pass
 
+    def prompt_truncated(self, prompt: str) -> bool:
+        return False
+
     def set_prompt_blend(self, blend: float) -> None:
         pass
 

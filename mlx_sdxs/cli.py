@@ -7,13 +7,15 @@ exit 1; Ctrl-C (and SIGTERM during a session) exits 130; nothing is left half-wr
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from mlx_sdxs import hub, options, runtime
-from mlx_sdxs.backends.exported import COREML_PRECISIONS
+from mlx_sdxs.backends.exported import COREML_PRECISIONS, EXPORT_SIDES
 from mlx_sdxs.errors import SDXSError
 
 
@@ -38,7 +40,7 @@ def _labelled(rgb, label: str | None):
     """Stamp random-weight outputs so no one mistakes them for a trained model's."""
     if not label:
         return rgb
-    from mlx_sdxs.camera.display import draw_banner
+    from mlx_sdxs.camera.presenter import draw_banner
 
     return draw_banner(rgb.copy(), label)
 
@@ -74,23 +76,33 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
 
 def open_stream_backend(args: argparse.Namespace):
-    """The camera/studio inference stage from the flags (`--backend`, the model flags, the recipe flags)."""
+    """The camera/studio inference stage from the flags (`--backend`, the model flags, the recipe flags). The
+    session requests the first prompt itself, like any later one."""
     from mlx_sdxs.backends import open_backend
-    from mlx_sdxs.camera.app import stream_settings
+    from mlx_sdxs.recipe import RecipeSettings
 
-    return open_backend(_choice(args), stream_settings(args), args.prompt)
+    settings = RecipeSettings(render_size=args.render_size, feedback=args.feedback, seed=args.seed,
+                              strength=args.strength, seed_b=args.seed_b,
+                              seed_blend=args.seed_blend if args.seed_b is not None else 0.0)
+    return open_backend(_choice(args), settings)
 
 
 def cmd_camera(args: argparse.Namespace) -> int:
     from mlx_sdxs.camera.app import run_camera
 
-    return run_camera(args, open_stream_backend)
+    attach = None
+    if args.preview_port is not None:
+        from mlx_sdxs.studio import server_hook
+
+        attach = server_hook(args, studio=False)
+    return run_camera(args, open_stream_backend, attach=attach)
 
 
 def cmd_studio(args: argparse.Namespace) -> int:
     from mlx_sdxs.camera.app import run_camera
+    from mlx_sdxs.studio import server_hook
 
-    return run_camera(args, open_stream_backend, studio=True)
+    return run_camera(args, open_stream_backend, studio=True, attach=server_hook(args, studio=True))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -154,15 +166,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(bench_args: list[str]) -> int:
-    """Forwarded whole to `bench.run` (its own parser owns the flags), found in the checkout we run from."""
-    if Path("bench/run.py").is_file() and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        from bench.run import main as bench_main
-    except ImportError:
+    """`python -m bench.run` with these flags (its own parser owns them), in the checkout we run from: the bench
+    is part of the repository, not of the package, so it is run, never imported."""
+    if not Path("bench/run.py").is_file():
         raise SDXSError("the bench lives in the repository's bench/ folder: run `mlx-sdxs bench` (or "
-                        "`python -m bench.run`) from a checkout of mlx-sdxs, with `pip install -e '.[bench]'`") from None
-    return bench_main(bench_args)
+                        "`python -m bench.run`) from a checkout of mlx-sdxs, with `pip install -e '.[bench]'`")
+    return subprocess.run([sys.executable, "-m", "bench.run", *bench_args]).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         e = formats.add_parser(name, help=what, description=f"Export a diffusers checkpoint's UNet and VAE as {what}.")
         e.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder (model_index.json, unet/, vae/, …)")
         e.add_argument("out", type=Path, help="output folder (replaced if it exists)")
-        e.add_argument("--render-size", type=options.size_pair("--render-size", (256, 1024)), default=(512, 512),
+        e.add_argument("--render-size", type=options.size_pair("--render-size", EXPORT_SIDES), default=(512, 512),
                        metavar="WxH", help="static render size of the graphs (default 512)")
         if name == "coreml":
             e.add_argument("--precision", choices=COREML_PRECISIONS, default="float16", help="compute precision")
@@ -232,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_kernel_argument(p)
     p.set_defaults(run=cmd_info)
     return parser
+
+
+def leave_if_stuck(status: int) -> None:
+    """After a camera session, a loop thread may still be inside a model call in native code (a frame longer
+    than its join limit). Interpreter shutdown would then end that thread mid-call and abort the process
+    ("terminate called without an active exception"); with every output already closed, leave now instead."""
+    from mlx_sdxs.camera.loop import stuck_workers
+
+    stuck = stuck_workers()
+    if stuck:
+        print(f"mlx-sdxs: leaving without waiting for {', '.join(stuck)} (a model call still running); "
+              "every output was closed", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,5 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         runtime.select_kernels(None)
 
 
+def entry_point() -> None:
+    """The `mlx-sdxs` command: `main`, then leave at once if a model call outlived its session."""
+    status = main()
+    leave_if_stuck(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -11,6 +11,9 @@ import numpy as np
 from mlx_sdxs.errors import ImageError
 
 Size = tuple[int, int]
+#: The smallest side of any frame or image mlx-sdxs reads (camera frames, video, images, the studio's
+#: uploads): smaller is a broken device or a mistake, not a picture to stylise.
+MIN_SIDE = 16
 
 
 def as_size(size: int | Size) -> Size:
@@ -23,9 +26,9 @@ def as_size(size: int | Size) -> Size:
 
 def check_frame(frame: np.ndarray, what: str = "frame") -> np.ndarray:
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 \
-            or frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise ImageError(f"expected a uint8 H×W×3 {what}, got {getattr(frame, 'dtype', type(frame).__name__)} "
-                         f"{getattr(frame, 'shape', '')}")
+            or min(frame.shape[:2]) < MIN_SIDE:
+        raise ImageError(f"expected a uint8 H×W×3 {what} of at least {MIN_SIDE}×{MIN_SIDE}, got "
+                         f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}")
     return frame
 
 

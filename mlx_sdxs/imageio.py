@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 
 from mlx_sdxs.errors import ImageError, SDXSError
+from mlx_sdxs.frames import MIN_SIDE
 
 #: Larger inputs are refused rather than risking a multi-GB decode (8192×8192 is still accepted).
 MAX_PIXELS = 8192 * 8192
-MIN_SIDE = 8
 
 
 def read_image(path: str | Path) -> np.ndarray:

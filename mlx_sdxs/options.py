@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_sdxs import hub, runtime
+from mlx_sdxs.backends import COMPUTE_UNITS, NAMES
+from mlx_sdxs.frames import MIN_SIDE
 
 #: Each side of a camera render size: a multiple of 64 in this range.
 RENDER_SIDES = (128, 1024)
 GENERATION_SIDES = (64, 2048)
 DTYPE_CHOICES = ("auto", *runtime.DTYPES)
-BACKENDS = ("mlx", "torch", "onnx", "coreml")
 #: Largest grey-level change of a 32×32-thumbnail cell below which a frame is not re-processed: above a
 #: webcam's sensor noise averaged over a cell (~1 level), below any visible motion.
 DEFAULT_SIMILARITY = 3.0
@@ -60,8 +61,8 @@ def capture_size(text: str) -> tuple[int, int]:
         size = int(width), int(height)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--capture-size must look like 640x480, got {text!r}") from None
-    if min(size) < 16 or max(size) > 8192:
-        raise argparse.ArgumentTypeError(f"--capture-size sides must be in [16, 8192], got {text}")
+    if min(size) < MIN_SIDE or max(size) > 8192:
+        raise argparse.ArgumentTypeError(f"--capture-size sides must be in [{MIN_SIDE}, 8192], got {text}")
     return size
 
 
@@ -148,11 +149,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many seconds (after warm-up)")
 
     backend = parser.add_argument_group("backend")
-    backend.add_argument("--backend", choices=BACKENDS, default="mlx", help="inference backend (default mlx)")
+    backend.add_argument("--backend", choices=NAMES, default=NAMES[0], help=f"inference backend (default {NAMES[0]})")
     backend.add_argument("--export-dir", "--coreml-dir", dest="export_dir", type=Path, default=None,
                          help="a CoreML/ONNX export folder (default: exported once from the model, under weights/)")
-    backend.add_argument("--compute-units", default="CPU_AND_GPU",
-                         choices=("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY"), help="CoreML compute units")
+    backend.add_argument("--compute-units", default=COMPUTE_UNITS[0], choices=COMPUTE_UNITS, help="CoreML compute units")
     backend.add_argument("--device", default=None, help="torch device for --backend torch (cpu, cuda, mps); "
                                                         "ONNX provider for --backend onnx (cpu, cuda). Default cpu")
     add_model_arguments(parser)

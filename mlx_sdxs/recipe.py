@@ -154,6 +154,9 @@ class Engine(Protocol):
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """(1, tokens, D) float32 numpy: embeddings are blended in numpy, then handed to `from_embeds`."""
 
+    def prompt_truncated(self, prompt: str) -> bool:
+        """Whether the text encoder cuts `prompt` off."""
+
     def from_embeds(self, embeds: np.ndarray) -> Any: ...
 
     def start(self, arrays: Sequence[Any]) -> None:
@@ -359,10 +362,9 @@ class Recipe:
         else:
             self._set_embeds(self.embeds + self.settings.prompt_morph * (self.target - self.embeds))
 
-    @property
-    def prompts(self) -> tuple[str, str | None]:
-        """(prompt A, prompt B or None) currently targeted."""
-        return self._prompts
+    def prompt_truncated(self, prompt: str) -> bool:
+        """Whether the text encoder cuts `prompt` off (it reads a fixed number of tokens)."""
+        return self.engine.prompt_truncated(prompt)
 
     def set_prompt_blend(self, blend: float) -> None:
         """Move the conditioning along the slerp from prompt A to prompt B (morphs like a prompt change)."""

@@ -88,8 +88,7 @@ class FakeBackend:
                  on_frame: Callable[[int], None] | None = None, label: str | None = None):
         self.render_size = (render_size, render_size) if isinstance(render_size, int) else tuple(render_size)
         self.cost_s, self.fail_at, self.on_frame = cost_s, fail_at, on_frame
-        if label is not None:
-            self.label = label
+        self.label = label
         self.profile_stages = False
         self.last_stage_ms: dict[str, float] = {}
         self.processed: list[int] = []
@@ -106,6 +105,9 @@ class FakeBackend:
         self.prompts.append(prompt)
         if prompt_b is not None or blend is not None:
             self.requests.append(("prompt_b", (prompt_b, blend)))
+
+    def prompt_truncated(self, prompt: str) -> bool:
+        return len(prompt) > 300  # a stand-in for the tokenizer's limit
 
     def set_prompt_blend(self, blend: float) -> None:
         self.requests.append(("prompt_blend", blend))

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from fake_backend import CountingSource, FakeBackend, count_video_frames, ctrl_c_after_frames, no_leaked_threads  # noqa: F401
 
-from mlx_sdxs.camera.app import default_render_size, run_camera
-from mlx_sdxs.camera.display import DisplayStage, VideoRecorder
+from mlx_sdxs.camera.app import run_camera
 from mlx_sdxs.camera.loop import run_loop
+from mlx_sdxs.camera.outputs import VideoRecorder
+from mlx_sdxs.camera.presenter import Presenter
+from mlx_sdxs.camera.session import default_render_size
 from mlx_sdxs import runtime
 from mlx_sdxs.cli import build_parser
 
@@ -119,7 +121,7 @@ class KeyWindow:
 def test_quit_key_finalises_the_video(tmp_path):
     record = tmp_path / "quit.mp4"
     window = KeyWindow("q", at=4)
-    display = DisplayStage(output_size=64, prompts=["x"], window=window, sinks=[VideoRecorder(record, fps=30)])
+    display = Presenter(output_size=64, window=window, sinks=[VideoRecorder(record, fps=30)])
     try:
         stats = run_loop(CountingSource(fps=200), FakeBackend(), display)
     finally:
@@ -130,7 +132,7 @@ def test_quit_key_finalises_the_video(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_no_display_falls_back_to_headless_and_says_so(monkeypatch, capsys):
-    monkeypatch.setattr("mlx_sdxs.camera.app.display_available", lambda: False)
+    monkeypatch.setattr("mlx_sdxs.camera.session.display_available", lambda: False)
     argv = [a for a in HEADLESS if a != "--headless"]
     status = run_camera(parse(*argv, "--max-frames", "3"), lambda args: FakeBackend(render_size=128))
     err = capsys.readouterr().err

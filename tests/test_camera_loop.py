@@ -13,8 +13,13 @@ import pytest
 from fake_backend import CountingSource, FakeBackend, no_leaked_threads, read_stamp  # noqa: F401 (autouse)
 
 from mlx_sdxs.camera.broadcast import Broadcast
-from mlx_sdxs.camera.display import DisplayStage, VideoRecorder
-from mlx_sdxs.camera.loop import LatestSlot, LoopControl, RateMeter, SimilarityGate, WorkerError, run_loop
+from mlx_sdxs.camera.loop import run_loop
+from mlx_sdxs.camera.outputs import VideoRecorder
+from mlx_sdxs.camera.presenter import Presenter
+from mlx_sdxs.camera.slots import LatestSlot
+from mlx_sdxs.camera.stages import SimilarityGate, WorkerError
+from mlx_sdxs.camera.state import LoopControl
+from mlx_sdxs.camera.stats import RateMeter
 from mlx_sdxs.errors import ImageError
 
 pytestmark = pytest.mark.policy_independent  # see pyproject.toml
@@ -160,24 +165,38 @@ def test_duration_stops_the_loop():
 @pytest.mark.timeout(20)
 def test_prompt_and_warmup_run_on_the_inference_thread():
     backend = FakeBackend()
-    presenter = Collector(at=3, action=lambda control: control.set_prompt("a pencil sketch"))
-    run_loop(CountingSource(fps=200), backend, presenter, prompt="first", warmup=True, max_results=8)
+    control = LoopControl()
+    control.request(prompt="first")  # the initial prompt goes the way every later change goes
+    presenter = Collector(at=3, action=lambda control: control.request(prompt="a pencil sketch"))
+    run_loop(CountingSource(fps=200), backend, presenter, control=control, warmup=True, max_results=8)
     assert backend.prompts == ["first", "a pencil sketch"] and backend.warmed
     assert backend.threads == {"sdxs-inference"}
+    assert control.state.prompt == "a pencil sketch"
 
 
 @pytest.mark.timeout(20)
 def test_knob_requests_reach_the_backend_before_the_next_frame():
+    from mlx_sdxs.camera.state import LiveState
+    from mlx_sdxs.errors import ConfigError
+
     backend = FakeBackend()
+    control = LoopControl(LiveState(seed_blend=0.0))
+    control.request(prompt="a")
 
     def turn_knobs(control):
-        control.request(feedback=0.3, prompt_blend=0.7, seed_blend=0.2)
+        control.request(feedback=0.3, prompt_blend=0.7, seed_blend=0.2, blend=0.4)
 
-    run_loop(CountingSource(fps=200), backend, Collector(at=2, action=turn_knobs), prompt="a", max_results=6)
+    run_loop(CountingSource(fps=200), backend, Collector(at=2, action=turn_knobs), control=control, max_results=6)
     assert ("feedback", 0.3) in backend.requests and ("prompt_blend", 0.7) in backend.requests
     assert ("seed_blend", 0.2) in backend.requests
-    with pytest.raises(ValueError, match="unknown loop setting"):
+    state = control.state
+    assert (state.feedback, state.prompt_blend, state.seed_blend, state.blend) == (0.3, 0.7, 0.2, 0.4)
+    with pytest.raises(ConfigError, match="unknown knob"):
         LoopControl().request(strength=0.5)
+    with pytest.raises(ConfigError, match="needs a second random seed"):
+        LoopControl().request(seed_blend=0.5)
+    with pytest.raises(ConfigError, match="feedback must be in"):
+        LoopControl().request(feedback=1.5)
 
 
 @pytest.mark.timeout(20)
@@ -245,7 +264,7 @@ def test_odd_frame_sizes_flow_through_backend_and_display():
         def close(self):
             pass
 
-    display = DisplayStage(output_size=96, prompts=["x"], sinks=[Shown()])
+    display = Presenter(output_size=96, sinks=[Shown()])
     presenter = Collector()
 
     class Both:
@@ -299,7 +318,7 @@ def test_soak_ten_thousand_frames_without_leaks(tmp_path):
     def session(frames: int, index: int) -> None:
         broadcast = Broadcast("display")
         recorder = VideoRecorder(tmp_path / f"soak{index}.mp4", fps=10)
-        display = DisplayStage(output_size=32, prompts=["x"], sinks=[recorder, broadcast])
+        display = Presenter(output_size=32, sinks=[recorder, broadcast])
         viewed = []
 
         def viewer():

@@ -11,9 +11,12 @@ import pytest
 from fake_backend import count_video_frames, no_leaked_threads  # noqa: F401 (autouse fixture)
 
 from mlx_sdxs.camera.broadcast import Broadcast
-from mlx_sdxs.camera.display import (DisplayStage, FramesWriter, OutputError, StatusLine, VideoRecorder,
-                                     compose_frame, display_available, draw_banner, h264_available)
-from mlx_sdxs.camera.loop import LoopControl, Result, Tick
+from mlx_sdxs.camera.loop import Tick
+from mlx_sdxs.camera.outputs import (FramesWriter, OutputError, StatusLine, VideoRecorder, display_available,
+                                     h264_available)
+from mlx_sdxs.camera.presenter import Presenter, compose_frame, draw_banner, status_lines
+from mlx_sdxs.camera.stages import Result
+from mlx_sdxs.camera.state import EMA_MAX, LiveState, LoopControl
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
 from mlx_sdxs.camera.sources import SyntheticSource
 from mlx_sdxs.errors import SDXSError
@@ -83,11 +86,10 @@ class _Discard:
         pass
 
 
-def test_display_stage_ema_keys_and_save(tmp_path):
-    control = LoopControl()
-    display = DisplayStage(output_size=32, prompts=list(GALLERY), ema=0.4, save_dir=tmp_path / "saved",
-                           overlay=False, prompt_b="a pencil sketch", prompt_blend=0.5, seed_blend=0.5,
-                           sinks=[_Discard()])
+def test_presenter_ema_keys_and_save(tmp_path):
+    control = LoopControl(LiveState(gallery=GALLERY, prompt=GALLERY[0], prompt_b="a pencil sketch", prompt_blend=0.5,
+                                    seed_blend=0.5, ema=0.4))
+    display = Presenter(output_size=32, save_dir=tmp_path / "saved", overlay=False, sinks=[_Discard()])
     display.present(_tick(100), control)
     display.present(_tick(200, 2), control)
     assert np.all(np.abs(display.last_frame[:, 32:].astype(int) - (0.4 * 100 + 0.6 * 200)) <= 1)
@@ -97,18 +99,17 @@ def test_display_stage_ema_keys_and_save(tmp_path):
     display.handle_key(ord("n"), control)
     assert control.take_requests() == {"prompt": GALLERY[1]}
     display.handle_key(ord("p"), control)
-    display.handle_key(ord("p"), control)
-    assert control.take_requests() == {"prompt": GALLERY[-1]} and display.prompt_index == len(GALLERY) - 1
+    assert control.take_requests() == {"prompt": GALLERY[-1]}  # from the state's prompt, the gallery's first
     display.handle_key(ord("]"), control)
     display.handle_key(ord(","), control)
     assert control.take_requests() == {"prompt_blend": 0.6, "seed_blend": 0.4}
     for key, attribute, value in (("+", "blend", 0.1), ("-", "blend", 0.0), ("-", "blend", 0.0),
                                   ("e", "ema", 0.5), ("d", "ema", 0.4)):
-        display.handle_key(ord(key), control)
-        assert getattr(display, attribute) == pytest.approx(value)
+        display.handle_key(ord(key), control)  # display knobs: in the state at once, no model involved
+        assert getattr(control.state, attribute) == pytest.approx(value)
     for _ in range(20):
         display.handle_key(ord("e"), control)
-    assert display.ema == pytest.approx(0.9)
+    assert control.state.ema == pytest.approx(EMA_MAX)
 
     display.handle_key(ord("s"), control)
     saved = list((tmp_path / "saved").glob("mlx-sdxs-*.png"))
@@ -119,10 +120,10 @@ def test_display_stage_ema_keys_and_save(tmp_path):
 
 
 def test_display_overlay_names_fps_and_prompt():
-    control = LoopControl()
-    display = DisplayStage(output_size=64, prompts=["one", "two"], prompt_index=1)
-    line = display.status_lines(control)[0]
-    assert line.startswith("AI: 0.0 FPS | Display: 0.0 FPS | Prompt 2/2: two")
+    lines = status_lines(LiveState(gallery=("one", "two"), prompt="two", feedback=0.25))
+    assert lines[0].startswith("AI: 0.0 FPS | Display: 0.0 FPS | Prompt 2/2: two")
+    assert "feedback 0.25" in lines[1]
+    assert status_lines(LiveState(gallery=("one",), prompt="three"))[0].endswith("Prompt -/1: three")
 
 
 def test_video_recorder_writes_real_time_and_renames_at_close(tmp_path, camera_frame):
@@ -194,7 +195,7 @@ def test_broadcast_hands_out_the_newest_frame_lazily_to_thread_and_async_viewers
 def test_status_line_refreshes_in_place_on_a_terminal_and_every_10_s_in_a_log(capsys):
     import io
 
-    from mlx_sdxs.camera.loop import LoopStats
+    from mlx_sdxs.camera.stats import LoopStats
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -202,12 +203,13 @@ def test_status_line_refreshes_in_place_on_a_terminal_and_every_10_s_in_a_log(ca
 
     stats = LoopStats()
     stats.inferred = 7
+    state = LiveState(stats=stats.live())
     terminal, log = Terminal(), io.StringIO()
     tty_line, log_line = StatusLine(terminal), StatusLine(log)
     assert (tty_line.every_s, log_line.every_s) == (0.5, 10.0)
     for now in (1e9, 1e9 + 5, 1e9 + 20):
-        tty_line.update(stats, now)
-        log_line.update(stats, now)
+        tty_line.update(state, now)
+        log_line.update(state, now)
     tty_line.close()
     assert terminal.getvalue().count("\r\x1b[2K") == 3 and terminal.getvalue().endswith("\n")
     assert log.getvalue().count("mlx-sdxs: AI 0.00 FPS | display 0.0 FPS") == 2  # 1e9 and 1e9+20, not +5

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from checkpoints import assert_pixels_close, build_checkpoint, camera_frames
+from mlx_sdxs.backends import COMPUTE_UNITS
 from mlx_sdxs.backends.exported import ExportManifest
 from mlx_sdxs.errors import BackendUnavailable, ConfigError
 from mlx_sdxs.recipe import RecipeSettings
@@ -65,7 +66,8 @@ def test_export_writes_ml_programs_with_the_expected_interface(packages, checkpo
 
 
 def test_export_rejects_unsupported_render_sizes(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="--render-size sides must be multiples of 64 from 256 to 1024, got 300x300"):
+    with pytest.raises(ConfigError, match=r"--render-size sides must be multiples of 64 from 256 to 1024 for an "
+                                          r"exported graph \(ONNX, CoreML\), got 300x300"):
         export_coreml(checkpoint, tmp_path / "out", render_size=300)
     assert not (tmp_path / "out").exists()
 
@@ -97,7 +99,7 @@ def test_coreml_backend_matches_torch(checkpoint, tmp_path):
 def test_coreml_backend_runs_fp16_on_every_compute_unit(packages):
     from mlx_sdxs.backends.coreml import coreml_stream
 
-    for units in ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY"):
+    for units in COMPUTE_UNITS:
         backend = coreml_stream(packages, RecipeSettings(render_size=256), "a cat", compute_units=units)
         out = backend.process(camera_frames(1)[0])
         assert out.shape == (256, 256, 3), units

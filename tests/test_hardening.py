@@ -358,7 +358,7 @@ def _alpha_dropped(env: Env, image: np.ndarray) -> None:
 
 
 def _sixteen_bit_scaled(env: Env, image: np.ndarray) -> None:
-    assert image.shape == (10, 12, 3) and tuple(image[0, 0]) == (0x30, 0x20, 0x10)
+    assert image.shape == (20, 24, 3) and tuple(image[0, 0]) == (0x30, 0x20, 0x10)
 
 
 def _long_prompt(env: Env):
@@ -531,15 +531,15 @@ ROWS = [
     Row("image-not-an-image", _image("notes.png", b"just some text, not pixels\n" * 20), ImageError,
         ("{tmp}/notes.png: not a decodable image",)),
     Row("image-zero-by-zero", _image("zero.png", png_bytes(0, 0)), ImageError,
-        ("{tmp}/zero.png", "0×0 is too small", "≥ 8 px")),
+        ("{tmp}/zero.png", "0×0 is too small", "≥ 16 px")),
     Row("image-one-by-one", _image("dot.png", lambda: np.zeros((1, 1, 3), np.uint8)), ImageError,
-        ("{tmp}/dot.png", "1×1 is too small", "≥ 8 px")),
+        ("{tmp}/dot.png", "1×1 is too small", "≥ 16 px")),
     Row("image-grayscale", _image("grey.png", lambda: np.add.outer(np.arange(30), np.arange(20)).astype(np.uint8)),
         None, then=_grey_is_replicated),
     Row("image-rgba", _image("rgba.png", lambda: np.tile(np.array([10, 20, 30, 0], np.uint8), (24, 24, 1))),
         None, then=_alpha_dropped),
     Row("image-16-bit-png", _image("deep.png", lambda: np.tile(np.array([0x1000, 0x2000, 0x3000], np.uint16),
-                                                               (10, 12, 1))), None, then=_sixteen_bit_scaled),
+                                                               (20, 24, 1))), None, then=_sixteen_bit_scaled),
     Row("image-very-wide-img2img", _img2img(4000, 16), 0, then=_output_is(Path("out.png"), (64, 64, 3))),
     Row("image-very-tall-img2img", _img2img(16, 4000), 0, then=_output_is(Path("out.png"), (64, 64, 3))),
     Row("image-odd-size-img2img-crops-and-resizes", _img2img(123, 77), 0,

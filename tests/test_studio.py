@@ -188,11 +188,7 @@ def test_prompt_settings_snapshot_mjpeg_and_recording(studio):
             await ws.send(json.dumps({"type": "prompt", "prompt": "a pencil sketch"}))
             await _status(ws, lambda s: s["prompt"] == "a pencil sketch" and s["inferred"] > 0)
             await ws.send(json.dumps({"type": "prompt", "prompt": "very " * 120 + "long"}))
-            reply = None
-            while reply is None:
-                message = await ws.recv()
-                if isinstance(message, str) and json.loads(message)["type"] == "prompt":
-                    reply = json.loads(message)
+            reply = await _status(ws, lambda s: s["prompt"].startswith("very very"))
             await ws.send(json.dumps({"type": "settings", "feedback": 0.4, "blend": 0.3, "ema": 0.2}))
             settled = await _status(ws, lambda s: s["feedback"] == 0.4 and s["blend"] == 0.3)
             await ws.send(json.dumps({"type": "record", "action": "start"}))

@@ -19,6 +19,8 @@ from mlx_sdxs.errors import SDXSError, WeightsError
 from mlx_sdxs.recipe import Recipe, RecipeSettings
 
 NAMES = ("mlx", "torch", "onnx", "coreml")
+#: CoreML's compute units (`--compute-units`), the first the default.
+COMPUTE_UNITS = ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY")
 RANDOM_FALLBACK = ">>> falling back to RANDOM WEIGHTS in the SDXS-512-0.9 shape: NOT a trained model <<<"
 
 
@@ -34,7 +36,7 @@ class BackendChoice:
     weights_dir: Path | None = None
     offline: bool = False
     export_dir: Path | None = None
-    compute_units: str = "CPU_AND_GPU"
+    compute_units: str = COMPUTE_UNITS[0]
     device: str | None = None
 
     @classmethod
@@ -129,6 +131,10 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
         from mlx_sdxs.backends.coreml import check_available
 
         check_available()  # before building or exporting anything
+    if choice.backend in ("onnx", "coreml") and choice.export_dir is None:
+        from mlx_sdxs.backends.exported import check_export_size
+
+        check_export_size(settings.render_size)  # before torch loads for an export that would refuse it
     _require_torch(choice.backend)
     checkpoint = diffusers_checkpoint(choice, log)
     if choice.backend == "torch":

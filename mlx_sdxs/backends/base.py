@@ -1,4 +1,5 @@
-"""What the camera loop, the studio and the bench need from an inference backend.
+"""What the camera loop, the studio and the bench need from an inference backend — all of it: nothing above
+reads a backend's other attributes.
 
 Every backend is a `mlx_sdxs.recipe.Recipe` on one engine (MLX, torch, ONNX Runtime, CoreML); the
 loop knows only this protocol, so a test double or another runtime can stand in.
@@ -17,6 +18,8 @@ class Backend(Protocol):
     """An img2img stream the 3-thread loop can drive. Nothing in the loop knows which one runs."""
 
     name: str
+    #: Shown on every output when set (random-weight models say so).
+    label: str | None
     #: (width, height) of the frames `process` returns.
     render_size: tuple[int, int]
     #: When True, `process` synchronises at stage boundaries and fills `last_stage_ms` per stage (the bench);
@@ -25,7 +28,11 @@ class Backend(Protocol):
     last_stage_ms: dict[str, float]
 
     def set_prompt(self, prompt: str, prompt_b: str | None = None, blend: float | None = None) -> None:
-        """Target a new prompt; the first call sets it at once, later ones morph towards it frame by frame."""
+        """Target a new prompt (or the slerp to `prompt_b` at `blend`; an empty `prompt_b` drops it); the first
+        call sets it at once, later ones morph towards it frame by frame."""
+
+    def prompt_truncated(self, prompt: str) -> bool:
+        """Whether the text encoder cuts `prompt` off (it reads a fixed number of tokens)."""
 
     def set_prompt_blend(self, blend: float) -> None:
         """Move the conditioning along the slerp from prompt A to prompt B."""

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_sdxs.backends import COMPUTE_UNITS
 from mlx_sdxs.backends.exported import (DECODER_OUTPUT, ENCODER_OUTPUT, UNET_OUTPUT, ExportedEngine,
                                         PromptEncoder)
 from mlx_sdxs.errors import BackendUnavailable, ConfigError
 from mlx_sdxs.recipe import Recipe, RecipeSettings
 
-COMPUTE_UNITS = ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY")
 _OUTPUTS = {"unet": UNET_OUTPUT, "vae_encoder": ENCODER_OUTPUT, "vae_decoder": DECODER_OUTPUT}
 NOT_ON_MACOS = ("CoreML prediction only exists on macOS; conversion works here: "
                 "mlx-sdxs export coreml CHECKPOINT OUT --render-size 512")
@@ -28,7 +28,7 @@ def check_available() -> None:
 
 
 class CoreMLEngine(ExportedEngine):
-    def __init__(self, package_dir: str | Path, settings: RecipeSettings, compute_units: str = "CPU_AND_GPU",
+    def __init__(self, package_dir: str | Path, settings: RecipeSettings, compute_units: str = COMPUTE_UNITS[0],
                  checkpoint_dir: str | Path | None = None, prompt_encoder: PromptEncoder | None = None):
         check_available()
         if compute_units not in COMPUTE_UNITS:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mlx_sdxs.errors import ConfigError
+from mlx_sdxs.frames import Size, as_size
 from mlx_sdxs.recipe import HostFrames, RecipeSettings
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 
@@ -31,6 +32,19 @@ DECODER_INPUT, DECODER_OUTPUT = "latents", "image"
 PromptEncoder = Callable[[str], np.ndarray]
 #: What `mlx-sdxs export coreml --precision` accepts (here, where no torch or coremltools is imported).
 COREML_PRECISIONS = ("float16", "float32")
+#: Each side of an exported graph's (static) render size: a multiple of 64 in this range. Checked here, where
+#: no torch is imported, so a bad size is refused before an export or a comparison backend loads anything.
+EXPORT_SIDES = (256, 1024)
+
+
+def check_export_size(render_size: int | Size) -> Size:
+    """`render_size` as (width, height), or a ConfigError saying which sizes an export can have."""
+    width, height = as_size(render_size)
+    low, high = EXPORT_SIDES
+    if any(side % 64 or not low <= side <= high for side in (width, height)):
+        raise ConfigError(f"--render-size sides must be multiples of 64 from {low} to {high} for an exported "
+                          f"graph (ONNX, CoreML), got {width}x{height}")
+    return width, height
 
 
 @dataclass

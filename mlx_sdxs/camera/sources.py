@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 
 from mlx_sdxs.errors import ImageError, SourceError
+from mlx_sdxs.frames import MIN_SIDE
 
 DEFAULT_SIZE = (640, 480)
 DEFAULT_FPS = 30.0
-MIN_FRAME_SIDE = 16
 #: Waits between reconnect attempts when a camera stops delivering (seconds); then the source gives up.
 RECONNECT_DELAYS = (0.25, 0.5, 1.0)
 
@@ -44,9 +44,9 @@ def validate_frame(frame: object, source_name: str) -> np.ndarray:
         shape = getattr(frame, "shape", None)
         raise ImageError(f"{source_name} delivered a frame of shape {shape}; expected uint8 H×W×3 (BGR)")
     height, width = frame.shape[:2]
-    if min(height, width) < MIN_FRAME_SIDE:
+    if min(height, width) < MIN_SIDE:
         raise ImageError(f"{source_name} delivered a {width}×{height} frame: too small, "
-                         f"frames need at least {MIN_FRAME_SIDE}×{MIN_FRAME_SIDE} pixels")
+                         f"frames need at least {MIN_SIDE}×{MIN_SIDE} pixels")
     return frame
 
 
@@ -83,9 +83,9 @@ class SyntheticSource:
 
     def __init__(self, width: int = DEFAULT_SIZE[0], height: int = DEFAULT_SIZE[1], fps: float = DEFAULT_FPS,
                  seed: int = 0, image: str | Path | None = None):
-        if min(width, height) < MIN_FRAME_SIDE:
+        if min(width, height) < MIN_SIDE:
             raise SourceError(f"synthetic source size {width}×{height} is too small: "
-                              f"at least {MIN_FRAME_SIDE}×{MIN_FRAME_SIDE}")
+                              f"at least {MIN_SIDE}×{MIN_SIDE}")
         self.width, self.height, self.fps, self.seed = width, height, fps, seed
         self.name = f"synthetic:{image}" if image else "synthetic"
         self.index = 0
@@ -283,111 +283,3 @@ def open_source(spec: str | None, *, size: tuple[int, int] = DEFAULT_SIZE, fps: 
     if spec.strip().isdigit():
         return CameraSource(int(spec), width, height, camera_fps, log=log)
     return VideoFileSource(spec, loop=loop, fps=fps)
-
-
-class BrowserSource:
-    """Frames pushed in from elsewhere (the studio page's webcam, over its WebSocket): the newest one wins,
-    an unread one is replaced, never queued. `read` waits for a frame newer than the last it returned."""
-
-    name = "browser webcam"
-
-    def __init__(self, fps: float = DEFAULT_FPS):
-        self.fps = fps
-        self._cond = threading.Condition()
-        self._frame: np.ndarray | None = None
-        self._seq = self._read_seq = 0
-        self._closed = False
-        self.received = 0
-
-    def push(self, frame: np.ndarray) -> None:
-        with self._cond:
-            self._frame = frame
-            self._seq += 1
-            self.received += 1
-            self._cond.notify_all()
-
-    def read(self, stop: threading.Event | None = None) -> np.ndarray | None:
-        with self._cond:
-            while self._seq <= self._read_seq and not self._closed:
-                if stop is not None and stop.is_set():
-                    return None
-                self._cond.wait(0.1)  # wakes on push; the timeout only re-checks `stop`
-            if self._closed:
-                return None
-            self._read_seq = self._seq
-            return self._frame
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class SwitchableSource:
-    """The studio's source picker: one of several named sources feeds the loop, switchable while it runs.
-    Sources are opened when first picked (a camera that fails to open leaves the current one in place)."""
-
-    def __init__(self, openers: dict[str, Callable[[], FrameSource]], initial: str, fps: float = DEFAULT_FPS):
-        self._openers, self.fps = openers, fps
-        self._open: dict[str, FrameSource] = {}
-        self._lock = threading.Lock()
-        self.current = ""
-        self.switch(initial)
-
-    @property
-    def choices(self) -> list[str]:
-        return list(self._openers)
-
-    @property
-    def name(self) -> str:
-        return self.current
-
-    def switch(self, choice: str) -> None:
-        """Make `choice` the source; SourceError (and the current source kept) if it cannot open."""
-        if choice not in self._openers:
-            raise SourceError(f"no source {choice!r} (choose from {', '.join(self._openers)})")
-        with self._lock:
-            if choice not in self._open:
-                self._open[choice] = self._openers[choice]()
-            self.current = choice
-
-    def get(self, choice: str) -> FrameSource | None:
-        return self._open.get(choice)
-
-    def read(self, stop: threading.Event | None = None) -> np.ndarray | None:
-        while stop is None or not stop.is_set():
-            with self._lock:
-                choice = self.current
-                source = self._open[choice]
-            frame = source.read(_Either(stop, lambda: self.current != choice))
-            if frame is not None or self.current == choice:
-                return frame
-        return None
-
-    def close(self) -> None:
-        with self._lock:
-            for source in self._open.values():
-                source.close()
-            self._open.clear()
-
-
-class _Either:
-    """A stop event that is also set when `changed()` says the picked source changed."""
-
-    def __init__(self, stop: threading.Event | None, changed: Callable[[], bool]):
-        self._stop, self._changed = stop, changed
-
-    def is_set(self) -> bool:
-        return (self._stop is not None and self._stop.is_set()) or self._changed()
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.perf_counter() + timeout
-        while not self.is_set():
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return False
-            if self._stop is not None:
-                self._stop.wait(min(remaining, 0.05))
-            else:
-                time.sleep(min(remaining, 0.05))
-        return True

@@ -17,25 +17,11 @@ from typing import Callable
 import torch
 
 from mlx_sdxs.backends.exported import (DECODER_INPUT, DECODER_OUTPUT, ENCODER_INPUT, ENCODER_OUTPUT,
-                                        UNET_INPUTS, UNET_OUTPUT, ExportManifest)
+                                        UNET_INPUTS, UNET_OUTPUT, ExportManifest, check_export_size)
 from mlx_sdxs.backends.torch_backend import UNetEpsilon, VAEDecoder, VAEEncoder, load_unet, load_vae
 from mlx_sdxs.convert import atomic_dir
-from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.frames import Size, as_size
+from mlx_sdxs.frames import Size
 from mlx_sdxs.tokenizer import MAX_LENGTH
-
-#: Each side of an exported render size: a multiple of 64 in this range.
-SIDE_RANGE = (256, 1024)
-
-
-def check_render_size(render_size: int | Size) -> Size:
-    """Exports have static shapes, one render size each; refuse sizes the recipe does not support."""
-    width, height = as_size(render_size)
-    low, high = SIDE_RANGE
-    if any(side % 64 or not low <= side <= high for side in (width, height)):
-        raise ConfigError(f"--render-size sides must be multiples of 64 from {low} to {high}, got {width}x{height}")
-    return width, height
-
 
 @dataclass
 class Graph:
@@ -87,7 +73,7 @@ def export_graphs(checkpoint_dir: str | Path, out_dir: str | Path, render_size: 
                   precision: str, suffix: str, save: Callable[[Graph, Path], None]) -> Path:
     """Build the three graphs, `save` each as `<component><suffix>`, write the manifest; `out_dir` is
     replaced only once everything succeeded."""
-    render_size = check_render_size(render_size)
+    render_size = check_export_size(render_size)
     out_dir = Path(out_dir)
     graphs = build_graphs(checkpoint_dir, render_size)
     with atomic_dir(out_dir) as staging:

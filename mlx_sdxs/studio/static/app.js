@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const SEND_EVERY_MS = 33;          // at most ~30 frames a second from the webcam
 const MAX_BUFFERED = 256 * 1024;   // a frame is skipped while the socket still holds this much unsent
 
-const state = { ws: null, stream: null, source: "", sending: false, urls: {}, sentFrames: 0, firstOutput: false };
+const state = { ws: null, stream: null, source: "", sending: false, urls: {}, sentFrames: 0, firstOutput: false,
+                noteUntil: 0 };
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -38,8 +39,7 @@ function onFrame(buffer) {
 
 function onText(message) {
   if (message.type === "status") return showStatus(message);
-  if (message.type === "prompt") return showNote(message.note);
-  if (message.type === "error") return showNote(message.message);
+  if (message.type === "error") return showNote(message.message, 5000);
   if (message.type === "recording") {
     if (message.url) {
       $("recording-link").innerHTML = "";
@@ -52,7 +52,9 @@ function onText(message) {
   }
 }
 
-function showNote(text) {
+function showNote(text, holdMs = 0) {
+  if (!holdMs && Date.now() < state.noteUntil) return;  // an error stays readable for a while
+  state.noteUntil = Date.now() + holdMs;
   $("note").hidden = !text;
   $("note").textContent = text || "";
 }
@@ -73,6 +75,17 @@ function showStatus(s) {
     for (const frame of document.querySelectorAll(".frame")) frame.style.aspectRatio = `${s.render_size[0]} / ${s.render_size[1]}`;
   }
   if (document.activeElement !== $("prompt") && s.prompt != null) $("prompt").value = s.prompt;
+  if (document.activeElement !== $("prompt-b")) $("prompt-b").value = s.prompt_b || "";
+  // Sliders show the session's live values (keys and other viewers change them too), unless being dragged.
+  for (const [id, value] of [["prompt-blend", s.prompt_blend], ["feedback", s.feedback], ["blend", s.blend],
+                             ["ema", s.ema], ["seed-blend", s.seed_blend]]) {
+    const input = $(id);
+    if (value != null && document.activeElement !== input) {
+      input.value = value;
+      input.nextElementSibling.textContent = Number(value).toFixed(2);
+    }
+  }
+  showNote(s.note);
   $("seed-blend-row").hidden = s.seed_blend == null;
   const select = $("source");
   if (select.options.length !== s.sources.length) {
@@ -144,7 +157,7 @@ function slider(id, key, apply) {
 
 async function snapshot() {
   const response = await fetch("/snapshot.png");
-  if (!response.ok) return showNote(await response.text());
+  if (!response.ok) return showNote(await response.text(), 5000);
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");

@@ -1,0 +1,161 @@
+"""A camera session: a source, a backend, the presenter and its outputs around the loop, and the session's one
+live state. Opened from parsed flags (`camera` and `studio` share them), run once, closed in order whatever
+happened. The backend comes from a factory (the CLI's opens MLX/torch/ONNX/CoreML; tests pass their own);
+a caller above this layer (the studio) adds its server through the `attach` hook, so this module knows
+only the Backend protocol and the camera's own parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Protocol, TextIO
+
+from mlx_sdxs import runtime
+from mlx_sdxs.backends.base import Backend
+from mlx_sdxs.camera.loop import run_loop
+from mlx_sdxs.camera.outputs import FramesWriter, OpenCVWindow, OutputError, StatusLine, VideoRecorder, display_available
+from mlx_sdxs.camera.presenter import Presenter
+from mlx_sdxs.camera.prompts import GALLERY, load_prompts
+from mlx_sdxs.camera.sources import FrameSource, open_source
+from mlx_sdxs.camera.state import LiveState, LoopControl
+from mlx_sdxs.camera.stats import LoopStats
+from mlx_sdxs.errors import SDXSError
+
+BackendFactory = Callable[[argparse.Namespace], Backend]
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def default_render_size(args: argparse.Namespace) -> tuple[int, int]:
+    """512 where SDXS is trained (and a GPU or the comparison backends are used); 256 for MLX on a CPU,
+    which runs ~4× more frames there."""
+    side = 512 if runtime.on_gpu() or getattr(args, "backend", "mlx") != "mlx" else 256
+    return side, side
+
+
+def prompt_list(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The gallery (or --prompts) with --prompt in it, and the index to start at."""
+    prompts = load_prompts(args.prompts) if args.prompts else list(GALLERY)
+    if args.prompt is None:
+        return prompts, 0
+    if args.prompt not in prompts:
+        prompts.insert(0, args.prompt)
+    return prompts, prompts.index(args.prompt)
+
+
+def initial_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags' knob values, requested like any later change."""
+    knobs = {"prompt": args.prompt, "feedback": args.feedback, "blend": args.blend, "ema": args.ema}
+    if args.prompt_b:
+        knobs.update(prompt_b=args.prompt_b, prompt_blend=args.prompt_blend)
+    if args.seed_b is not None:
+        knobs["seed_blend"] = args.seed_blend
+    return knobs
+
+
+class Session:
+    """Open with `Session.open`, then `run` once and `close` always (servers first, so no viewer waits on a
+    closed output; then the presenter's outputs, the source, the backend)."""
+
+    def __init__(self, args: argparse.Namespace, control: LoopControl, presenter: Presenter, log: TextIO):
+        self.args, self.control, self.presenter, self.log = args, control, presenter, log
+        self.source: FrameSource | None = None
+        self.backend: Backend | None = None
+        self.servers: list[Closeable] = []
+        self.ran = False
+
+    @classmethod
+    def open(cls, args: argparse.Namespace, make_backend: BackendFactory, *, studio: bool = False,
+             attach: Callable[["Session"], Closeable] | None = None, log: TextIO | None = None) -> "Session":
+        """Everything the flags ask for. Sets `args.prompt` (the initial prompt) and `args.render_size` before
+        calling `make_backend(args)`. With `studio` there is no window, and without --source no source yet
+        (the page's webcam comes through `attach`). A failure closes what was opened, then raises."""
+        log = log if log is not None else sys.stderr
+        prompts, index = prompt_list(args)
+        args.prompt = prompts[index]
+        args.render_size = args.render_size or default_render_size(args)
+        control = LoopControl(LiveState(gallery=tuple(prompts), render_size=tuple(args.render_size),
+                                        seed_blend=args.seed_blend if args.seed_b is not None else None))
+        session = cls(args, control, cls._presenter(args, studio, attach is not None, log), log)
+        try:
+            if not (studio and args.source is None):
+                session.source = open_source(args.source, size=args.capture_size, fps=args.fps, loop=args.loop, log=log)
+            if attach is not None:
+                session.servers.append(attach(session))
+            session._add_files()
+            session.backend = make_backend(args)
+            backend = session.backend
+            control.publish(backend=backend.name, label=backend.label, render_size=tuple(backend.render_size))
+            control.request(**initial_knobs(args))
+        except BaseException:
+            session.close(1)
+            raise
+        return session
+
+    @staticmethod
+    def _presenter(args: argparse.Namespace, studio: bool, served: bool, log: TextIO) -> Presenter:
+        window = None
+        if getattr(args, "window", False) and not studio:
+            if display_available():
+                try:
+                    window = OpenCVWindow()
+                except OutputError as exc:
+                    print(f"mlx-sdxs: {exc}", file=log)
+            if window is None:
+                print("mlx-sdxs: no display available (DISPLAY/WAYLAND_DISPLAY unset or no GUI): running without a "
+                      "window" + ("" if served else "; add --preview-port 0 (studio extra) to watch it in a browser, "
+                                  "or use `mlx-sdxs studio`"), file=log)
+        return Presenter(output_size=args.output_size, window=window, save_dir=args.save_dir,
+                         status=None if window is not None else StatusLine(log), log=log)
+
+    def _add_files(self) -> None:
+        args = self.args
+        if args.record is not None:
+            self.presenter.sinks.append(VideoRecorder(args.record, self.source.fps, log=self.log,
+                                                      every_frame=args.record_every_frame, view=args.record_view))
+        if args.frames_dir is not None:
+            self.presenter.sinks.append(FramesWriter(args.frames_dir))
+
+    def run(self) -> LoopStats:
+        """The loop until a flag's limit, the source's end, a quit key, Ctrl-C or SIGTERM, or an error (raised)."""
+        args, backend, log = self.args, self.backend, self.log
+        width, height = backend.render_size
+        kernels = f"{backend.name} at {width}x{height}"
+        warming = "the first frames allocate buffers…" if runtime.compiled_before(kernels) else \
+            f"compiling kernels for {width}x{height} (first use on this machine, kept for later runs)…"
+        state = self.control.state
+        print(f"mlx-sdxs: {self.source.name} → {backend.name} at {width}x{height} (prompt "
+              f"{state.gallery.index(args.prompt) + 1}/{len(state.gallery)}: {args.prompt!r}); warming up: {warming}",
+              file=log, flush=True)
+
+        def ready(seconds: float) -> None:
+            runtime.remember_compiled(kernels)
+            print(f"mlx-sdxs: first frames through the model after {seconds:.1f} s", file=log, flush=True)
+
+        def still_warming(seconds: float) -> None:
+            print(f"mlx-sdxs: still warming up ({seconds:.0f} s): waiting for the first frames through the model",
+                  file=log, flush=True)
+
+        self.ran = True
+        return run_loop(self.source, backend, self.presenter, control=self.control, warmup=True,
+                        max_frames=args.max_frames, duration=args.duration,
+                        similarity_threshold=args.similarity_threshold, log=log, on_ready=ready,
+                        on_warmup=still_warming)
+
+    def close(self, status: int) -> int:
+        """Close everything in order, reporting failures; returns `status`, or 1 if it was 0 and a close failed."""
+        for resource in (*self.servers, self.presenter, self.source, self.backend):
+            if resource is None:
+                continue
+            try:
+                resource.close()
+            except SDXSError as exc:
+                status = status or 1
+                print(f"mlx-sdxs: error: {exc}", file=self.log)
+            except OSError as exc:
+                status = status or 1
+                print(f"mlx-sdxs: error while closing: {exc}", file=self.log)
+        return status

@@ -1,0 +1,98 @@
+"""What the studio page may send and what it is told: JSON controls become knob requests on the session's
+`LoopControl` (or the source picker's and the recorder's actions), webcam frames are checked before they
+are decoded, and the status is the session's live state plus the studio's own figures. A bad message is
+dropped and counted, never a crash."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mlx_sdxs.camera.picker import BrowserSource, SwitchableSource
+from mlx_sdxs.camera.state import DISPLAY_KNOBS, MODEL_KNOBS, LoopControl
+from mlx_sdxs.camera.stats import LoopStats
+from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.frames import MIN_SIDE
+from mlx_sdxs.imageio import header_size
+from mlx_sdxs.studio.recording import RecordingSink
+
+#: Largest incoming frame: bytes of JPEG, and pixels once its header is read (before decoding).
+MAX_FRAME_BYTES = 4 << 20
+MAX_FRAME_PIXELS = 4096 * 4096
+#: The figures before the first frame (zeros), so the page always finds every field.
+NO_FIGURES = LoopStats().live()
+
+
+class Controls:
+    def __init__(self, control: LoopControl, source: SwitchableSource, recordings: RecordingSink, dropped: Counter):
+        self.control, self.source, self.recordings, self.dropped = control, source, recordings, dropped
+
+    def status(self) -> dict[str, Any]:
+        state = self.control.state
+        browser = self.source.get("browser")
+        return {**NO_FIGURES, **state.stats,
+                "backend": state.backend, "label": state.label, "render_size": list(state.render_size),
+                "prompt": state.prompt, "prompt_b": state.prompt_b, "prompt_blend": state.prompt_blend,
+                "feedback": state.feedback, "seed_blend": state.seed_blend, "blend": state.blend, "ema": state.ema,
+                "gallery": list(state.gallery), "note": state.note,
+                "source": self.source.current, "sources": self.source.choices,
+                "frames_received": browser.received if isinstance(browser, BrowserSource) else 0,
+                "dropped_messages": dict(self.dropped),
+                "recording": self.recordings.active, "recordings": list(self.recordings.finished)}
+
+    def handle_text(self, text: str) -> dict[str, Any] | None:
+        """One JSON control; the reply to send back, if any. Malformed or out-of-range ones are counted."""
+        try:
+            message = json.loads(text)
+            return self.handle(message)
+        except (SDXSError, ValueError, TypeError, AttributeError) as exc:
+            self.dropped["bad control"] += 1
+            return {"type": "error", "message": str(exc)} if isinstance(exc, SDXSError) else None
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        kind = message.get("type")
+        if kind in ("prompt", "settings"):
+            knobs = {k: message[k] for k in (*MODEL_KNOBS, *DISPLAY_KNOBS) if k in message}
+            if kind == "settings":
+                knobs = {k: v for k, v in knobs.items() if k not in ("prompt", "prompt_b")}
+            if "seed_blend" in knobs and self.control.state.seed_blend is None:
+                del knobs["seed_blend"]  # no second random seed in this session
+            self.control.request(**knobs)
+            return None
+        if kind == "source":
+            self.source.switch(str(message.get("source")))
+            return None
+        if kind == "record":
+            if message.get("action") == "start":
+                return {"type": "recording", "started": self.recordings.start()}
+            name = self.recordings.stop()
+            return {"type": "recording", "finished": name, "url": f"/recordings/{name}" if name else None}
+        raise ValueError(f"unknown control {kind!r}")
+
+    def accept_frame(self, data: bytes) -> bool:
+        """A JPEG from the page's webcam, checked before decoding; False (and counted) when dropped."""
+        reason = None
+        if len(data) > MAX_FRAME_BYTES:
+            reason = "too large"
+        else:
+            size = header_size(data[:65536])
+            if size is None:
+                reason = "not a JPEG/PNG"
+            elif size[0] * size[1] > MAX_FRAME_PIXELS or min(size) < MIN_SIDE:
+                reason = "bad size"
+        frame = None
+        if reason is None:
+            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if frame is None or frame.ndim != 3:
+                reason = "undecodable"
+        if reason is not None:
+            self.dropped[reason] += 1
+            return False
+        browser = self.source.get("browser")
+        if isinstance(browser, BrowserSource):
+            browser.push(frame)
+        return True
