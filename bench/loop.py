@@ -28,6 +28,7 @@ class SimulatedDevice:
     """A Backend whose device takes `device_s` per frame, one at a time, without holding the GIL."""
 
     label = None
+    controlled = False
 
     def __init__(self, render_size: tuple[int, int], device_s: float):
         self.render_size, self.device_s = render_size, device_s
@@ -50,6 +51,9 @@ class SimulatedDevice:
         pass
 
     def set_seed_blend(self, blend: float) -> None:
+        pass
+
+    def set_control(self, mode=None, strength=None) -> None:
         pass
 
     def worker(self):

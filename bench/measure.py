@@ -39,6 +39,26 @@ def load_frames(folder: Path | None) -> tuple[list, str]:
     return [source.read() for _ in range(8)], "8 frames of the synthetic scene"
 
 
+#: The row suffix of a backend running a ControlNet model (its frame: control image → ControlNet + UNet → decode).
+CONTROLNET_SUFFIX = "+controlnet"
+
+
+def prepare_variants(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """Row suffix → (diffusers checkpoint, converted folder). A preset that adds a ControlNet (e.g.
+    sdxs-512-dreamshaper-sketch) gives two: its base model ("", the plain frame) and the model with its
+    ControlNet (CONTROLNET_SUFFIX), so that every backend's ControlNet frame stands beside its plain one."""
+    from mlx_sdxs import presets
+
+    if args.checkpoint is not None:
+        suffix = CONTROLNET_SUFFIX if (args.checkpoint / "controlnet").is_dir() else ""
+        return {suffix: prepare_checkpoint(args)}
+    base = presets.base(args.preset)
+    if base is None:
+        return {"": prepare_checkpoint(args)}
+    return {"": prepare_checkpoint(argparse.Namespace(checkpoint=None, preset=base)),
+            CONTROLNET_SUFFIX: prepare_checkpoint(args)}
+
+
 def prepare_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
     """(diffusers checkpoint, converted MLX folder): --checkpoint, else random weights in the preset's
     shape; built and converted once under the weights folder."""
@@ -79,13 +99,15 @@ class ReplaySource:
 
 # --- backends --------------------------------------------------------------------------------------
 def make_backend(name: str, size: int, checkpoint: Path, converted: Path, args: argparse.Namespace):
-    """Build one backend on the bench's weights, or return the reason it cannot run here."""
+    """Build one backend (a row name: the backend, and CONTROLNET_SUFFIX for a ControlNet model's) on the bench's
+    weights, or return the reason it cannot run here."""
     from mlx_sdxs import runtime
     from mlx_sdxs.backends import BackendChoice, open_backend
     from mlx_sdxs.errors import SDXSError
     from mlx_sdxs.recipe import RecipeSettings
 
     settings = RecipeSettings(render_size=size)
+    name = name.removesuffix(CONTROLNET_SUFFIX)
     try:
         if name.startswith("mlx"):
             import mlx.nn as nn
@@ -124,19 +146,27 @@ def backend_threads(backend) -> int | None:
 
 
 def unet_flops(source: Path, size: int) -> float | None:
-    """FLOPs of one UNet call at `size` (torch FlopCounterMode on the diffusers UNet), or None without torch."""
+    """FLOPs of one UNet call at `size` (torch FlopCounterMode on the diffusers UNet, with the checkpoint's
+    ControlNet in front of it if it has one: the recipe's UNet stage runs both), or None without torch."""
     try:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from mlx_sdxs.backends.torch_backend import load_unet
+        from mlx_sdxs.backends.torch_backend import (ControlledUNetEpsilon, UNetEpsilon, checkpoint_controlnet,
+                                                     load_controlnet, load_unet)
     except ImportError:
         return None
     unet = load_unet(source)
-    latent = torch.zeros(1, unet.config.in_channels, size // 8, size // 8)
-    text = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    inputs = (torch.zeros(1, unet.config.in_channels, size // 8, size // 8), torch.tensor([999]),
+              torch.zeros(1, 77, unet.config.cross_attention_dim))
+    controlnet = checkpoint_controlnet(source)
+    if controlnet is None:
+        network = UNetEpsilon(unet)
+    else:
+        network, inputs = (ControlledUNetEpsilon(unet, load_controlnet(controlnet)),
+                           inputs + (torch.zeros(1, 3, size, size), 1.0))
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        unet(latent, torch.tensor([999]), text)
+        network(*inputs)
     return float(counter.get_total_flops())
 
 
@@ -185,15 +215,22 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def measure_size(size: int, names: list[str], frames: list, source: Path, converted: Path,
+def variant(name: str) -> str:
+    """The row's model variant: CONTROLNET_SUFFIX or ""."""
+    return CONTROLNET_SUFFIX if name.endswith(CONTROLNET_SUFFIX) else ""
+
+
+def measure_size(size: int, names: list[str], frames: list, variants: dict[str, tuple[Path, Path]],
                  args: argparse.Namespace) -> dict:
+    """Every row (a backend name, with CONTROLNET_SUFFIX for the ControlNet model's) at one render size; ratios
+    are against the MLX row of the same model."""
     from mlx_sdxs.camera.loop import run_loop
-    from mlx_sdxs.recipe import MODEL_STAGES, STAGES
+    from mlx_sdxs.recipe import STAGES
 
     backends, results = {}, {}
     for name in names:
         before = rss_mb()
-        backend = make_backend(name, size, source, converted, args)
+        backend = make_backend(name, size, *variants[variant(name)], args)
         if isinstance(backend, str):
             results[name] = {"skipped": backend}
             print(f"bench: {name} @ {size}: skipped ({backend})", flush=True)
@@ -234,42 +271,46 @@ def measure_size(size: int, names: list[str], frames: list, source: Path, conver
             stats = run_loop(ReplaySource(frames), backend, None, warmup=True, max_results=args.loop_frames)
             results[name]["loop"] = stats.as_dict()
         backend.close()
-    flops = unet_flops(source, size)
-    summary = {}
-    for name, result in results.items():
-        if "skipped" in result:
-            summary[name] = result
-            continue
-        stages = {s: {"median": percentile(v, 50), "p90": percentile(v, 90), "min": min(v, default=None)}
-                  for s, v in result["stages_ms"].items()}
-        # Per-frame enc+UNet+dec: its minimum is the machine's quiet-time figure (shared hosts have slow spells).
-        model_ms = [sum(t) for t in zip(*(result["stages_ms"][s] for s in MODEL_STAGES))]
-        standalone_fps = 1000.0 / percentile(result["standalone_ms"], 50)
-        entry = {
-            "backend": result["backend"],
-            "threads": result["threads"],
-            "stages_ms": stages,
-            "frame_ms_median": percentile(result["frame_ms"], 50),
-            "frame_ms_p90": percentile(result["frame_ms"], 90),
-            "encode_unet_decode_ms": sum(stages[s]["median"] for s in MODEL_STAGES),
-            "encode_unet_decode_best_ms": min(model_ms),
-            "standalone_fps": standalone_fps,
-            "load_rss_mb": result["load_rss_mb"],
-        }
-        if "loop" in result:
-            entry["loop"] = result["loop"]
-            entry["loop_fps"] = result["loop"]["ai_fps"]
-            entry["loop_vs_standalone"] = result["loop"]["ai_fps"] / standalone_fps
-        if flops:
-            entry["unet_gflop"] = flops / 1e9
-            entry["unet_gflops_per_s"] = flops / 1e9 / (stages["unet"]["median"] / 1000)
-        summary[name] = entry
-    ran = {name: entry for name, entry in summary.items() if "skipped" not in entry}
-    reference = ran.get("mlx") or next(iter(ran.values()), None)
-    for entry in ran.values():
-        # > 1 means slower than MLX: this backend's frame time over MLX's.
-        entry["time_vs_mlx"] = entry["encode_unet_decode_ms"] / reference["encode_unet_decode_ms"]
+    flops = {suffix: unet_flops(source, size) for suffix, (source, _) in variants.items()}
+    summary = {name: result if "skipped" in result else summarise(result, flops[variant(name)])
+               for name, result in results.items()}
+    for suffix in variants:
+        ran = {name: entry for name, entry in summary.items() if "skipped" not in entry and variant(name) == suffix}
+        reference = ran.get("mlx" + suffix) or next(iter(ran.values()), None)
+        for entry in ran.values():
+            # > 1 means slower than MLX: this backend's frame time over MLX's.
+            entry["time_vs_mlx"] = entry["encode_unet_decode_ms"] / reference["encode_unet_decode_ms"]
     return summary
+
+
+def summarise(result: dict, unet_flop: float | None) -> dict:
+    """One row's table entry from its raw timings (and the FLOPs of its UNet stage, when counted)."""
+    from mlx_sdxs.recipe import MODEL_STAGES
+
+    stages = {s: {"median": percentile(v, 50), "p90": percentile(v, 90), "min": min(v, default=None)}
+              for s, v in result["stages_ms"].items()}
+    # Per-frame enc+UNet+dec: its minimum is the machine's quiet-time figure (shared hosts have slow spells).
+    model_ms = [sum(t) for t in zip(*(result["stages_ms"][s] for s in MODEL_STAGES))]
+    standalone_fps = 1000.0 / percentile(result["standalone_ms"], 50)
+    entry = {
+        "backend": result["backend"],
+        "threads": result["threads"],
+        "stages_ms": stages,
+        "frame_ms_median": percentile(result["frame_ms"], 50),
+        "frame_ms_p90": percentile(result["frame_ms"], 90),
+        "encode_unet_decode_ms": sum(stages[s]["median"] for s in MODEL_STAGES),
+        "encode_unet_decode_best_ms": min(model_ms),
+        "standalone_fps": standalone_fps,
+        "load_rss_mb": result["load_rss_mb"],
+    }
+    if "loop" in result:
+        entry["loop"] = result["loop"]
+        entry["loop_fps"] = result["loop"]["ai_fps"]
+        entry["loop_vs_standalone"] = result["loop"]["ai_fps"] / standalone_fps
+    if unet_flop:
+        entry["unet_gflop"] = unet_flop / 1e9
+        entry["unet_gflops_per_s"] = unet_flop / 1e9 / (stages["unet"]["median"] / 1000)
+    return entry
 
 
 def system_info(args: argparse.Namespace, frames_note: str) -> dict:

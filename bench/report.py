@@ -3,6 +3,8 @@ below the table; nothing prints as nan."""
 
 from __future__ import annotations
 
+from bench.measure import CONTROLNET_SUFFIX
+
 COLUMNS = ("size", "backend", "encode ms", "UNet ms", "decode ms", "enc+UNet+dec ms", "best frame ms", "× MLX time",
            "standalone FPS", "loop FPS", "loop/standalone", "UNet GFLOP/s", "threads")
 DASH = "—"
@@ -10,6 +12,19 @@ DASH = "—"
 
 def _cell(value, digits: int) -> str:
     return DASH if value is None else f"{value:.{digits}f}"
+
+
+def controlnet_costs(report: dict) -> list[str]:
+    """A line per backend that ran both a ControlNet model's frame and its plain base model's."""
+    lines = []
+    for size, rows in report["sizes"].items():
+        for name, entry in rows.items():
+            plain = rows.get(name.removesuffix(CONTROLNET_SUFFIX), {"skipped": True})
+            if name.endswith(CONTROLNET_SUFFIX) and "skipped" not in entry and "skipped" not in plain:
+                with_, without = entry["encode_unet_decode_ms"], plain["encode_unet_decode_ms"]
+                lines.append(f"- {name} @ {size}: {with_:.1f} ms with the ControlNet vs {without:.1f} ms without "
+                             f"(×{with_ / without:.2f})")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -34,6 +49,10 @@ def markdown(report: dict) -> str:
                      _cell(e["standalone_fps"], 2), _cell(e.get("loop_fps"), 2), _cell(e.get("loop_vs_standalone"), 2),
                      _cell(e.get("unet_gflops_per_s"), 0), DASH if e.get("threads") is None else str(e["threads"])]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    costs = controlnet_costs(report)
+    if costs:
+        lines += ["", "The ControlNet model's frame (enc+UNet+dec, its UNet stage running ControlNet + UNet) beside "
+                      "the plain base model's:", *costs]
     if notes:
         lines += ["", "Not run:", *notes]
     primitives = report.get("primitives")

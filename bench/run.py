@@ -10,7 +10,9 @@ the portable kernels (a GPU launch-count proxy). Writes JSON, markdown and PNG c
 (`measure.py` measures, `report.py` writes tables, `charts.py` draws).
 
 Without --checkpoint it builds (once, cached under weights/) a random-weight checkpoint in the
-SDXS-512-0.9 shape: the timings of random and trained weights are the same.
+SDXS-512-0.9 shape: the timings of random and trained weights are the same. A preset with a ControlNet
+(`--preset sdxs-512-dreamshaper-sketch`) runs every backend twice, on the plain base model and as
+`NAME+controlnet` (control image → ControlNet + UNet → decode), side by side.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         _reexec_without_openblas_overrides()
     import mlx_sdxs  # noqa: F401  (fast BLAS before mlx.core)
     from bench.charts import write_charts
-    from bench.measure import load_frames, measure_size, prepare_checkpoint, primitives_per_frame, system_info
+    from bench.measure import load_frames, measure_size, prepare_variants, primitives_per_frame, system_info
     from bench.report import markdown
     from mlx_sdxs import runtime
     from mlx_sdxs.pipeline import SDXSPipeline
@@ -77,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     sizes = [int(s) for s in args.sizes.split(",")]
     frames, frames_note = load_frames(args.images)
-    source, converted = prepare_checkpoint(args)
+    variants = prepare_variants(args)
+    rows = [name + suffix for name in names for suffix in variants]
     report = {"system": system_info(args, frames_note), "sizes": {}, "primitives": {}}
     for size in sizes:
         print(f"bench: render size {size}…", flush=True)
-        report["sizes"][str(size)] = measure_size(size, names, frames, source, converted, args)
+        report["sizes"][str(size)] = measure_size(size, rows, frames, variants, args)
         if args.primitives and any(n.startswith("mlx") for n in names):
-            pipeline = SDXSPipeline.from_weights(converted, runtime.parse_dtype(args.dtype), kernels=args.kernels)
-            report["primitives"][str(size)] = primitives_per_frame(pipeline, RecipeSettings(render_size=size), frames[0])
-            del pipeline
+            for suffix, (_, converted) in variants.items():
+                pipeline = SDXSPipeline.from_weights(converted, runtime.parse_dtype(args.dtype), kernels=args.kernels)
+                report["primitives"][f"{size}{suffix}"] = primitives_per_frame(
+                    pipeline, RecipeSettings(render_size=size), frames[0])
+                del pipeline
         print(markdown(report), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"

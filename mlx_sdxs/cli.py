@@ -17,6 +17,7 @@ from pathlib import Path
 from mlx_sdxs import hub, options, runtime
 from mlx_sdxs.backends.exported import COREML_PRECISIONS, EXPORT_SIDES
 from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.frames import CONTROL_MODES
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None:
@@ -27,6 +28,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Pa
                         metavar="WxH", help="output size, sides multiples of 64: 512 or 512x384 (default 512)")
     parser.add_argument("--output", "-o", type=Path, default=default_output,
                         help=f"PNG/JPEG/WebP file, written atomically (default {default_output})")
+    parser.add_argument("--control-image", type=Path, default=None, metavar="FILE",
+                        help="with a ControlNet model (sdxs-512-dreamshaper-sketch): the sketch or edge map to follow")
+    parser.add_argument("--control-mode", choices=CONTROL_MODES, default="sketch",
+                        help="what --control-image is: a sketch, dark on light (default; inverted as the SDXS sketch "
+                             "demo does), lines, light on dark (as they are), or a photo to take the edges of")
+    options.add_control_strength_argument(parser)
     options.add_model_arguments(parser)
 
 
@@ -50,13 +57,25 @@ def _generated(pipeline, args: argparse.Namespace, seconds: float) -> None:
     print(f"mlx-sdxs: {width}x{height} in {seconds:.2f} s ({pipeline.describe()}) → {args.output}", file=sys.stderr)
 
 
+def _control(args: argparse.Namespace) -> dict:
+    """The control image flags as `txt2img`/`img2img` arguments (read and converted before the model loads)."""
+    if args.control_image is None:
+        return {}
+    from mlx_sdxs.frames import control_image
+    from mlx_sdxs.imageio import read_image
+
+    return {"control_image": control_image(read_image(args.control_image), args.control_mode),
+            "control_strength": args.control_strength}
+
+
 def cmd_txt2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.backends import load_pipeline
     from mlx_sdxs.imageio import write_image
 
+    control = _control(args)
     pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
-    image = pipeline.txt2img(args.prompt, seed=args.seed, size=args.size)
+    image = pipeline.txt2img(args.prompt, seed=args.seed, size=args.size, **control)
     _generated(pipeline, args, time.perf_counter() - start)
     write_image(args.output, _labelled(image, pipeline.label))
     return 0
@@ -67,9 +86,10 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.imageio import read_image, write_image
 
     image = read_image(args.input)
+    control = _control(args)
     pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
-    result = pipeline.img2img(image, args.prompt, strength=args.strength, seed=args.seed, size=args.size)
+    result = pipeline.img2img(image, args.prompt, strength=args.strength, seed=args.seed, size=args.size, **control)
     _generated(pipeline, args, time.perf_counter() - start)
     write_image(args.output, _labelled(result, pipeline.label))
     return 0
@@ -83,7 +103,8 @@ def open_stream_backend(args: argparse.Namespace):
 
     settings = RecipeSettings(render_size=args.render_size, feedback=args.feedback, seed=args.seed,
                               strength=args.strength, seed_b=args.seed_b,
-                              seed_blend=args.seed_blend if args.seed_b is not None else 0.0)
+                              seed_blend=args.seed_blend if args.seed_b is not None else 0.0,
+                              control=args.control, control_strength=args.control_strength)
     return open_backend(_choice(args), settings)
 
 
@@ -121,11 +142,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "coreml":
         from mlx_sdxs.backends.export.coreml import export_coreml
 
-        out = export_coreml(args.checkpoint, args.out, args.render_size, args.precision, args.minimum_deployment_target)
+        out = export_coreml(args.checkpoint, args.out, args.render_size, args.precision, args.minimum_deployment_target,
+                            args.controlnet)
     else:
         from mlx_sdxs.backends.export.onnx import export_onnx
 
-        out = export_onnx(args.checkpoint, args.out, args.render_size)
+        out = export_onnx(args.checkpoint, args.out, args.render_size, args.controlnet)
     print(f"mlx-sdxs: exported {args.checkpoint} → {out} ({args.format}, {args.render_size[0]}x{args.render_size[1]})")
     return 0
 
@@ -133,7 +155,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     dtype = runtime.dtype_name(runtime.parse_dtype(args.dtype))
     folder = hub.resolve(args.repo, dtype, args.vae, args.weights_dir, offline=None)
-    print(f"mlx-sdxs: {args.repo} ready at {folder}")
+    family = hub.family_model(args.repo)
+    extra = ""
+    if family is not None and family.lora is not None:
+        extra = f" (its LoRA {family.lora} at {hub.lora_path(family.lora)}, merged when it loads)"
+    print(f"mlx-sdxs: {args.repo} ready at {folder}{extra}")
     return 0
 
 
@@ -221,13 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("out", type=Path, help="output folder (replaced if it exists)")
         e.add_argument("--render-size", type=options.size_pair("--render-size", EXPORT_SIDES), default=(512, 512),
                        metavar="WxH", help="static render size of the graphs (default 512)")
+        e.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
+                       help="a diffusers ControlNet folder to export inside the UNet graph (default: the checkpoint's "
+                            "controlnet/, if it has one)")
         if name == "coreml":
             e.add_argument("--precision", choices=COREML_PRECISIONS, default="float16", help="compute precision")
             e.add_argument("--minimum-deployment-target", choices=("macOS13", "macOS14", "macOS15"), default="macOS14")
         e.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("download", help="fetch a Hub model into the Hugging Face cache and convert it once")
-    p.add_argument("repo", nargs="?", default=hub.DEFAULT_MODEL)
+    p = sub.add_parser("download", help="fetch a model (with its ControlNet or LoRA) into the Hugging Face cache and "
+                                        "convert it once")
+    p.add_argument("repo", nargs="?", default=hub.DEFAULT_MODEL,
+                   help=f"a family name or Hub repo id ({', '.join(hub.KNOWN_MODELS)})")
     p.add_argument("--dtype", choices=options.DTYPE_CHOICES, default="auto",
                    help="stored dtype (auto = what this machine computes in)")
     p.add_argument("--vae", default=None)

@@ -3,6 +3,7 @@
 Layout written (`dst`):
     model_index.json, mlx_sdxs.json (what was converted, from where, in which dtype)
     unet/ vae/ text_encoder/      config.json + model.safetensors (MLX layout, see `weights`)
+    controlnet/                   the same, for a model with a ControlNet (SDXS-512-DreamShaper Sketch)
     tokenizer/ scheduler/         copied as they are
 
 Everything is written into a sibling temp folder and renamed into place at the end, so an
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -93,29 +94,35 @@ def _write_component(src: Path, out: Path, component: str, dtype: str) -> None:
     shutil.copy2(src / W.CONFIG_FILE, out / W.CONFIG_FILE)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32", vae: str | Path | None = None) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32", vae: str | Path | None = None,
+                       controlnet: str | Path | None = None) -> Path:
     """Convert a diffusers checkpoint folder (model_index.json + components) into an MLX weights folder.
 
     `vae`: another VAE component folder to use instead of the checkpoint's (e.g. TAESD for a KL model).
+    `controlnet`: a ControlNet folder (config.json + safetensors) to convert beside the model; a checkpoint's
+    own `controlnet/` folder is taken when there is none.
     """
     src, dst = Path(src), Path(dst)
     sources = {component: src / component for component in (*MODEL_COMPONENTS, *COPIED_COMPONENTS)}
     if vae is not None:
         sources["vae"] = Path(vae)
+    if controlnet is not None or (src / "controlnet").is_dir():
+        sources["controlnet"] = Path(controlnet) if controlnet is not None else src / "controlnet"
+    converted = [c for c in (*MODEL_COMPONENTS, "controlnet") if c in sources]
     if not (src / "model_index.json").is_file():
         raise WeightsError(f"{src}: not a diffusers checkpoint (no model_index.json)")
     missing = [str(folder) for folder in sources.values() if not folder.is_dir()]
     if missing:
         raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
     with atomic_dir(dst) as tmp:
-        for component in MODEL_COMPONENTS:
+        for component in converted:
             (tmp / component).mkdir()
             _write_component(sources[component], tmp / component, component, dtype)
         for component in COPIED_COMPONENTS:
             shutil.copytree(sources[component], tmp / component)
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
         manifest = {"format": W.FORMAT_NAME, "format_version": W.FORMAT_VERSION, "dtype": dtype, "source": str(src),
-                    "vae": str(sources["vae"])}
+                    "vae": str(sources["vae"]), "controlnet": str(sources.get("controlnet", "")) or None}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return dst
 
@@ -128,7 +135,8 @@ class atomic_dir:
 
     def __enter__(self) -> Path:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        self.tmp = self.dst.with_name(f".{self.dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        self.tmp.mkdir()  # the umask's usual mode: mkdtemp's 0700 would hide the weights from other users
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

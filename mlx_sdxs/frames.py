@@ -69,3 +69,28 @@ def from_model_output(image: np.ndarray, bgr: bool = True) -> np.ndarray:
     image = image[0] if image.ndim == 4 else image
     out = np.clip((image + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out[..., ::-1]) if bgr else out
+
+
+#: How a frame becomes a ControlNet's input (white strokes on black, as the SDXS Sketch model was trained):
+#: "edges" of a photo or camera frame, a "sketch" (dark strokes on light paper, inverted as IDKiro/sdxs's
+#: sketch demo does), or "lines" already light on dark (taken as they are).
+CONTROL_MODES = ("edges", "sketch", "lines")
+
+
+def control_image(frame: np.ndarray, mode: str) -> np.ndarray:
+    """`frame` (uint8, 3 channels, either order) as the ControlNet's input in the same layout."""
+    if mode == "lines":
+        return frame
+    if mode == "sketch":
+        return 255 - frame
+    if mode != "edges":
+        raise ImageError(f"control mode {mode!r} is not one of {', '.join(CONTROL_MODES)}")
+    import cv2
+
+    grey = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+    median = float(np.median(grey))  # thresholds that follow the picture's exposure
+    edges = cv2.Canny(grey, max(0.0, 0.66 * median), min(255.0, 1.33 * median) + 1)
+    # Sketch-weight strokes: ~5 px at 512, as a pen on the demo's canvas, not Canny's one-pixel lines.
+    side = 2 * max(1, round(min(frame.shape[:2]) / 256)) + 1
+    edges = cv2.dilate(edges, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
+    return cv2.cvtColor(edges, cv2.COLOR_GRAY2BGR)

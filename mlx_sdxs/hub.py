@@ -1,13 +1,17 @@
-"""Where a model comes from: a Hub repo id, a local diffusers checkpoint, or a converted `weights/` folder.
+"""Where a model comes from: a Hub repo id, a name of the SDXS-512 family, a local diffusers checkpoint, or a
+converted `weights/` folder.
 
 Hub repos are fetched with huggingface-hub (its cache, its progress bars; only configs, tokenizer
-files and `.safetensors` weights), converted once into `weights/<repo>-<dtype>/`, and reused.
+files and `.safetensors` weights), converted once into `weights/<repo>-<dtype>/`, and reused. A family
+model that is a base plus a ControlNet is converted as one folder; a LoRA stays its own download and is
+merged when the model loads (`mlx_sdxs.lora`), so a converted folder is always the base model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_sdxs import convert as C
@@ -15,7 +19,39 @@ from mlx_sdxs.runtime import DTYPES
 from mlx_sdxs.errors import SDXSError, WeightsError
 
 DEFAULT_MODEL = "IDKiro/sdxs-512-0.9"
-KNOWN_MODELS = ("IDKiro/sdxs-512-0.9", "IDKiro/sdxs-512-dreamshaper", "stabilityai/sd-turbo")
+
+
+@dataclass(frozen=True)
+class FamilyModel:
+    """A `--model` name of the SDXS-512 family: the diffusers repo it builds on, and what it adds."""
+
+    base: str
+    controlnet: str | None = None
+    lora: str | None = None
+    what: str = ""
+
+
+#: IDKiro/sdxs (arXiv 2403.16627): the four 512 models. Their Hub repo ids work as names too.
+FAMILY = {
+    "sdxs-512-0.9": FamilyModel("IDKiro/sdxs-512-0.9", what="text-to-image, CLIP-H (the default)"),
+    "sdxs-512-dreamshaper": FamilyModel("IDKiro/sdxs-512-dreamshaper", what="text-to-image, CLIP-L, DreamShaper style"),
+    "sdxs-512-dreamshaper-anime": FamilyModel("IDKiro/sdxs-512-dreamshaper", lora="IDKiro/sdxs-512-dreamshaper-anime",
+                                              what="DreamShaper + its anime LoRA (PEFT)"),
+    "sdxs-512-dreamshaper-sketch": FamilyModel("IDKiro/sdxs-512-dreamshaper",
+                                               controlnet="IDKiro/sdxs-512-dreamshaper-sketch",
+                                               what="DreamShaper + its sketch ControlNet: sketches and edges to images"),
+}
+KNOWN_MODELS = (*FAMILY, "stabilityai/sd-turbo")
+#: `--vae large`: the checkpoint's own full-size KL VAE, in its `vae_large/` folder (SDXS ships TAESD as `vae/`).
+LARGE_VAE = "large"
+
+
+def family_model(model: str | None) -> FamilyModel | None:
+    """The family model `model` names (short name, or the repo id of an addition such as the Sketch ControlNet)."""
+    if model is None:
+        return None
+    name = model.removeprefix("IDKiro/")
+    return FAMILY.get(name) if model in FAMILY or model.startswith("IDKiro/") else None
 
 # Only what mlx-sdxs reads: configs, tokenizer files and full-precision safetensors (no .bin, no
 # fp16 variants, no safety checker / feature extractor).
@@ -25,6 +61,7 @@ _ALLOW = [
     "diffusion_pytorch_model.safetensors",
 ]
 _IGNORE = ["safety_checker/*", "feature_extractor/*", "*.fp16.safetensors", "*.bin", "*.ckpt", "*.onnx*"]
+_LORA_ALLOW = ["adapter_config.json", "*.safetensors"]
 
 
 def default_weights_root() -> Path:
@@ -89,15 +126,13 @@ def checkpoint_folder(model: str, offline: bool | None = None) -> Path:
     return download(model, offline)
 
 
-def download(repo_id: str, offline: bool | None = None) -> Path:
+def download(repo_id: str, offline: bool | None = None, allow: list[str] = _ALLOW) -> Path:
     """Fetch (or find in the Hugging Face cache) the files of a diffusers repo; returns the snapshot folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=_ALLOW, ignore_patterns=_IGNORE, local_files_only=bool(offline)
-        )
+        folder = snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=_IGNORE, local_files_only=bool(offline))
     except HFValidationError:
         raise _not_a_model(repr(repo_id)) from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as exc:
@@ -110,13 +145,34 @@ def download(repo_id: str, offline: bool | None = None) -> Path:
     return Path(folder)
 
 
+def lora_path(source: str, offline: bool | None = None) -> Path:
+    """A LoRA given as a file or folder, or as a Hub repo (a PEFT adapter, or one .safetensors file in it)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not is_repo_id(source):
+        raise WeightsError(f"--lora {source}: no such file or folder, and not a Hub repo id")
+    folder = download(source, offline, _LORA_ALLOW)
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise WeightsError(f"--lora {source}: expected a PEFT adapter or one .safetensors file in the repo, "
+                           f"found {[f.name for f in files]}")
+    return files[0]
+
+
 def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_root: Path | None = None,
             offline: bool | None = None) -> Path:
     """Return a converted MLX weights folder for `model`, converting (and downloading) once if needed.
 
     An existing conversion in another dtype is reused (loading casts): a model is converted once per
-    machine, in the dtype the runtime uses there (`dtype`)."""
+    machine, in the dtype the runtime uses there (`dtype`). A family model with a ControlNet is converted
+    with it; one with a LoRA resolves to its base (see `family_model`)."""
     weights_root = weights_root or default_weights_root()
+    family = family_model(model)
+    if family is not None:
+        return _resolve_family(family, dtype, vae, weights_root, offline)
     path = Path(model).expanduser()
     if path.exists():
         if is_converted(path) and vae is None:
@@ -136,20 +192,44 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
         raise _not_a_model(f"--model {model!r}")
     if existing is not None:
         return existing
-    target = weights_root / f"{name}-{dtype}"
-    vae_folder = None if vae is None else _vae_folder(vae, offline)
+    return _convert(source, weights_root / f"{name}-{dtype}", dtype, vae, offline)
+
+
+def _resolve_family(family: FamilyModel, dtype: str, vae: str | None, weights_root: Path,
+                    offline: bool | None) -> Path:
+    """The base repo (and its ControlNet) converted as one folder, named after both."""
+    name = _slug(family.base) + (f"+{_slug(family.controlnet)}" if family.controlnet else "") + _vae_suffix(vae)
+    existing = find_converted(weights_root, name, dtype)
+    if existing is not None:
+        return existing
+    source = download(family.base, offline)
+    controlnet = download(family.controlnet, offline) if family.controlnet else None
+    return _convert(source, weights_root / f"{name}-{dtype}", dtype, vae, offline, controlnet)
+
+
+def _convert(source: Path, target: Path, dtype: str, vae: str | None, offline: bool | None,
+             controlnet: Path | None = None) -> Path:
+    vae_folder = None if vae is None else _vae_folder(vae, source, offline)
     print(f"mlx-sdxs: converting {source} → {target} ({dtype}) once …", flush=True)
-    return C.convert_checkpoint(source, target, dtype=dtype, vae=vae_folder)
+    return C.convert_checkpoint(source, target, dtype=dtype, vae=vae_folder, controlnet=controlnet)
 
 
-def _vae_folder(vae: str, offline: bool | None) -> Path:
-    """A VAE given as a local folder or a Hub repo (TAESD's repo keeps the VAE at its root)."""
+def _vae_folder(vae: str, checkpoint: Path, offline: bool | None) -> Path:
+    """`large` (the checkpoint's own `vae_large/`), or a VAE given as a local folder or a Hub repo (TAESD's
+    repo keeps the VAE at its root)."""
+    if vae == LARGE_VAE:
+        if not (checkpoint / "vae_large").is_dir():
+            raise WeightsError(f"{checkpoint}: --vae large needs the checkpoint's vae_large/ folder, which it has not "
+                               "(SDXS-512-DreamShaper and SDXS-512-0.9 ship one)")
+        return checkpoint / "vae_large"
     source = checkpoint_folder(vae, offline)
     return source / "vae" if (source / "vae").is_dir() else source
 
 
 def _vae_suffix(vae: str | None) -> str:
-    return "" if vae is None else "+" + _slug(Path(vae).name if Path(vae).exists() else vae)
+    if vae is None:
+        return ""
+    return "+vae-large" if vae == LARGE_VAE else "+" + _slug(Path(vae).name if Path(vae).exists() else vae)
 
 
 def _manifest(folder: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
+import secrets
 from pathlib import Path
 
 import cv2
@@ -81,10 +81,13 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write beside the target, then rename; the file gets the umask's usual mode (mkstemp's 0600 would not)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        candidate = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp = candidate
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -9,7 +9,8 @@ from typing import Callable
 
 from mlx_sdxs import hub, runtime
 from mlx_sdxs.backends import COMPUTE_UNITS, NAMES
-from mlx_sdxs.frames import MIN_SIDE
+from mlx_sdxs.frames import CONTROL_MODES, MIN_SIDE
+from mlx_sdxs.recipe import DEFAULT_CONTROL_STRENGTH, MAX_CONTROL_STRENGTH
 
 #: Each side of a camera render size: a multiple of 64 in this range.
 RENDER_SIDES = (128, 1024)
@@ -71,10 +72,14 @@ def capture_size(text: str) -> tuple[int, int]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help=f"Hub repo id ({', '.join(hub.KNOWN_MODELS)}), a local diffusers checkpoint, a converted "
-                            f"weights folder, or 'random'/'random-tiny' (random weights, offline). Default: "
-                            f"{hub.DEFAULT_MODEL}")
-    group.add_argument("--vae", default=None, help="replace the checkpoint's VAE, e.g. madebyollin/taesd")
+                       help=f"an SDXS-512 family name or Hub repo id ({', '.join(hub.KNOWN_MODELS)}), a local diffusers "
+                            "checkpoint, a converted weights folder, or 'random'/'random-tiny' (random weights, "
+                            f"offline). Default: {hub.DEFAULT_MODEL}")
+    group.add_argument("--vae", default=None, help="replace the checkpoint's VAE: 'large' (the checkpoint's own KL "
+                                                   "VAE, vae_large/), or a folder or repo, e.g. madebyollin/taesd")
+    group.add_argument("--lora", action="append", default=[], metavar="FILE_OR_REPO[:SCALE]",
+                       help="merge a LoRA when the model loads (repeatable; MLX backend): a PEFT adapter folder, a "
+                            "kohya/A1111 .safetensors file, or a Hub repo with one; SCALE default 1")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help="weights/compute dtype; auto = float32 on the CPU, float16 on a GPU")
     add_kernel_argument(group)
@@ -90,12 +95,19 @@ def add_kernel_argument(parser) -> None:
                              "auto = cuda on a CUDA GPU, cpu for float32 on the CPU, else portable")
 
 
+def add_control_strength_argument(parser) -> None:
+    parser.add_argument("--control-strength", type=number(float, 0.0, MAX_CONTROL_STRENGTH, "--control-strength"),
+                        default=DEFAULT_CONTROL_STRENGTH,
+                        help=f"how strongly a ControlNet's image steers (default {DEFAULT_CONTROL_STRENGTH}; keys c/v)")
+
+
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """The camera/studio session: source, style, blends, outputs, backend."""
     source = parser.add_argument_group("source")
     source.add_argument("--source", "--camera", dest="source", default=None,
-                        help="camera index (0, 1, …), a video file, 'synthetic' (built-in moving scene) or "
-                             "'synthetic:IMAGE' (pan/zoom over an image). Default: camera 0, else synthetic")
+                        help="camera index (0, 1, …), a video file, 'synthetic' (built-in moving scene), "
+                             "'synthetic:IMAGE' (pan/zoom over an image) or, in the studio, 'draw' (its drawing canvas). "
+                             "Default: camera 0, else synthetic (the studio: the page's webcam)")
     source.add_argument("--capture-size", type=capture_size, default=(640, 480), metavar="WxH",
                         help="requested camera / synthetic frame size (default 640x480)")
     source.add_argument("--fps", type=number(float, 0.0, 240.0, "--fps"), default=None,
@@ -121,6 +133,11 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                             "(keys e/d; default 0.4)")
     style.add_argument("--feedback", type=number(float, 0.0, 1.0, "--feedback"), default=0.1,
                        help="latent feedback of the previous frame (default 0.1, as the demo)")
+    style.add_argument("--control", choices=CONTROL_MODES, default=None,
+                       help="with a ControlNet (sdxs-512-dreamshaper-sketch): how each frame becomes its control image "
+                            "— edges of the frame, a sketch (dark on light, inverted) or lines (light on dark, as they "
+                            "are). Default: sketch for the studio's draw source, else edges")
+    add_control_strength_argument(style)
     style.add_argument("--strength", type=number(float, 0.02, 1.0, "--strength"), default=None,
                        help="img2img strength for strength-based models (SD-Turbo); unset = the model's one step")
     style.add_argument("--render-size", type=size_pair("--render-size", RENDER_SIDES), default=None, metavar="WxH",

@@ -15,13 +15,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sdxs import frames, hub, presets, runtime
+from mlx_sdxs import frames, hub, lora, presets, runtime
 from mlx_sdxs.errors import ConfigError, ImageError
 from mlx_sdxs.models.unet import Conditioning
-from mlx_sdxs.recipe import LATENT_SCALE, Recipe, RecipeSettings, seed_noise
+from mlx_sdxs.lora import LoraSpec
+from mlx_sdxs.recipe import DEFAULT_CONTROL_STRENGTH, LATENT_SCALE, Recipe, RecipeSettings, seed_noise
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, load_tokenizer
-from mlx_sdxs.weights import build_model, load_text_encoder, load_unet, load_vae, parameter_dtype, prepare
+from mlx_sdxs.weights import (build_model, load_controlnet, load_text_encoder, load_unet, load_vae, parameter_dtype,
+                              prepare)
 
 SDXS_MUD_WARNING = (
     "SDXS is distilled for t=999 only: img2img at strength < 1 degrades to 'mud' (IDKiro/sdxs issues #10, #24). "
@@ -48,12 +50,18 @@ def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -
 
 
 class SDXSPipeline:
-    """The three models, the tokenizer and the scheduler of one checkpoint, with cached prompt embeddings."""
+    """The three models, the tokenizer and the scheduler of one checkpoint (and its ControlNet, if it has one),
+    with cached prompt embeddings."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
-                 scheduler: OneStepScheduler, dtype: mx.Dtype = mx.float32, name: str = "", label: str | None = None):
+                 scheduler: OneStepScheduler, dtype: mx.Dtype = mx.float32, name: str = "", label: str | None = None,
+                 controlnet: nn.Module | None = None):
         check_components(unet, vae, text_encoder)
+        if controlnet is not None and controlnet.config.block_out_channels != unet.config.block_out_channels:
+            raise ConfigError(f"the controlnet's block_out_channels {list(controlnet.config.block_out_channels)} are "
+                              f"not the unet's {list(unet.config.block_out_channels)}: it was made for another UNet")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.controlnet = controlnet
         self.scheduler, self.dtype, self.name = scheduler, dtype, name
         #: Shown on every output when set (random-weight models say so).
         self.label = label
@@ -67,23 +75,34 @@ class SDXSPipeline:
     @classmethod
     def from_pretrained(cls, model: str = hub.DEFAULT_MODEL, dtype: mx.Dtype | None = None, vae: str | None = None,
                         weights_root: str | Path | None = None, offline: bool | None = None,
-                        kernels: str | None = None) -> "SDXSPipeline":
-        """A Hub repo id, a local diffusers checkpoint, a converted folder, or "random"/"random-tiny"."""
+                        kernels: str | None = None, loras: Sequence[LoraSpec | str] = ()) -> "SDXSPipeline":
+        """A Hub repo id, a family name (`hub.FAMILY`: with its ControlNet or LoRA), a local diffusers checkpoint,
+        a converted folder, or "random"/"random-tiny"; `loras` ("FILE_OR_REPO[:SCALE]" or `LoraSpec`) merged on top."""
         dtype = dtype or runtime.default_dtype()
+        specs = [LoraSpec.parse(s) if isinstance(s, str) else s for s in loras]
+        family = hub.family_model(model)
+        if family is not None and family.lora is not None:
+            specs.insert(0, LoraSpec(family.lora))
+        paths = [(hub.lora_path(spec.source, offline), spec) for spec in specs]
         if model in presets.RANDOM_MODELS:
-            return cls.random(model, dtype=dtype, kernels=kernels)
-        folder = hub.resolve(model, runtime.dtype_name(dtype), vae, Path(weights_root) if weights_root else None,
-                             offline)
-        return cls.from_weights(folder, dtype, name=model, kernels=kernels)
+            pipeline = cls.random(model, dtype=dtype, kernels=kernels)
+        else:
+            folder = hub.resolve(model, runtime.dtype_name(dtype), vae,
+                                 Path(weights_root) if weights_root else None, offline)
+            pipeline = cls.from_weights(folder, dtype, name=model, kernels=kernels)
+        pipeline.merge_loras(paths)
+        return pipeline
 
     @classmethod
     def from_weights(cls, folder: str | Path, dtype: mx.Dtype | None = None, name: str | None = None,
-                     kernels: str | None = None) -> "SDXSPipeline":
+                     kernels: str | None = None,
+                     loras: Sequence[tuple[Path, LoraSpec]] = ()) -> "SDXSPipeline":
         """Load a converted MLX weights folder (see `mlx_sdxs.convert`), cast to `dtype` (default: this
-        machine's runtime dtype, so any converted dtype serves)."""
+        machine's runtime dtype, so any converted dtype serves), with each LoRA (its file or folder and its
+        spec) merged into the loaded weights — never into the folder."""
         folder = Path(folder)
         dtype = dtype or runtime.default_dtype()
-        return cls(
+        pipeline = cls(
             load_unet(folder / "unet", dtype, kernels),
             load_vae(folder / "vae", dtype, kernels),
             load_text_encoder(folder / "text_encoder", dtype, kernels),
@@ -92,7 +111,18 @@ class SDXSPipeline:
             dtype,
             name=name or folder.name,
             label=presets.RANDOM_LABEL if presets.is_random_checkpoint(folder) else None,
+            controlnet=load_controlnet(folder / "controlnet", dtype, kernels) if (folder / "controlnet").is_dir() else None,
         )
+        pipeline.merge_loras(loras)
+        return pipeline
+
+    def merge_loras(self, loras: Sequence[tuple[Path, LoraSpec]]) -> None:
+        """Merge each LoRA (its file or folder, and its spec) into the UNet and text encoder weights in memory;
+        the name says which. Before any prompt is encoded: cached embeddings would predate the merge."""
+        for path, spec in loras:
+            lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, lora.read(path), spec.scale, str(path))
+            self.name += f" + LoRA {spec.source}@{spec.scale:g}"
+        self._prompts.clear()
 
     @classmethod
     def random(cls, model: str = "random", seed: int = 0, dtype: mx.Dtype | None = None,
@@ -102,10 +132,11 @@ class SDXSPipeline:
         configs = presets.configs(preset)
         dtype = dtype or runtime.default_dtype()
         mx.random.seed(seed)
-        models = {c: prepare(build_model(configs[c], c), dtype, kernels) for c in ("unet", "vae", "text_encoder")}
+        components = [c for c in ("unet", "vae", "text_encoder", "controlnet") if c in configs]
+        models = {c: prepare(build_model(configs[c], c), dtype, kernels) for c in components}
         scheduler = OneStepScheduler(SchedulerConfig.from_dict(configs["scheduler"]))
         return cls(models["unet"], models["vae"], models["text_encoder"], byte_level_tokenizer(), scheduler, dtype,
-                   name=f"{model} ({preset} shape)", label=presets.RANDOM_LABEL)
+                   name=f"{model} ({preset} shape)", label=presets.RANDOM_LABEL, controlnet=models.get("controlnet"))
 
     # --- building blocks ---------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> mx.array:
@@ -142,10 +173,28 @@ class SDXSPipeline:
         """UNet-space latent → [-1, 1] NHWC image, float32."""
         return self.vae.decode((latent / self.scaling_factor).astype(self._vae_dtype)).astype(mx.float32)
 
-    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array) -> mx.array:
-        """One UNet call; inputs are cast to the UNet's dtype, ε comes back as float32."""
-        eps = self.unet(noisy.astype(self.dtype), mx.array([timestep]), embeds.astype(self.dtype))
-        return eps.astype(mx.float32)
+    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array,
+                      control: tuple[mx.array, float | mx.array] | None = None) -> mx.array:
+        """One UNet call (after the ControlNet's, given `control`: an RGB image in [0, 1], NHWC at the image
+        size, and its strength); inputs are cast to the UNet's dtype, ε comes back as float32."""
+        noisy, embeds, t = noisy.astype(self.dtype), embeds.astype(self.dtype), mx.array([timestep])
+        residuals = None
+        if control is not None:
+            residuals = self._controlnet()(noisy, t, embeds, control[0], control[1])
+        return self.unet(noisy, t, embeds, residuals).astype(mx.float32)
+
+    def _controlnet(self) -> nn.Module:
+        if self.controlnet is None:
+            raise ConfigError(f"{self.name} has no ControlNet: a control image needs a model with one, e.g. "
+                              "--model sdxs-512-dreamshaper-sketch")
+        return self.controlnet
+
+    def control_input(self, image: np.ndarray, size: tuple[int, int]) -> mx.array:
+        """An RGB uint8 control image (as the ControlNet takes it: see `frames.control_image`) fitted to `size`,
+        as the ControlNet's input: NHWC in [0, 1]."""
+        self._controlnet()
+        frames.check_frame(image, "control image")
+        return mx.array(frames.fit(image, size)[None].astype(np.float32) / 255.0)
 
     def noise(self, seed: int, size: int | tuple[int, int]) -> mx.array:
         return mx.array(seed_noise(seed, frames.as_size(size), self.latent_channels))
@@ -156,31 +205,39 @@ class SDXSPipeline:
 
     # --- user-facing generation ---------------------------------------------------------------
     def txt2img(self, prompt: str, seed: int = 0, size: int | tuple[int, int] = 512,
-                noise: np.ndarray | None = None) -> np.ndarray:
-        """One step from pure noise (guidance 0) → RGB uint8 (height, width, 3)."""
+                noise: np.ndarray | None = None, control_image: np.ndarray | None = None,
+                control_strength: float = DEFAULT_CONTROL_STRENGTH) -> np.ndarray:
+        """One step from pure noise (guidance 0) → RGB uint8 (height, width, 3); with a ControlNet, guided by
+        `control_image` (RGB uint8 as the ControlNet takes it, e.g. white strokes on black for the Sketch
+        model: see `frames.control_image`) at `control_strength`."""
         size = self.check_size(size)
+        control = None if control_image is None else (self.control_input(control_image, size), control_strength)
         latent = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
         timestep = self.scheduler.one_step_timestep()
-        denoised = self.scheduler.predict_x0(latent, self.predict_noise(latent, timestep, self.encode_prompt(prompt)),
-                                             timestep)
-        return frames.from_model_output(np.array(self.decode(denoised)), bgr=False)
+        eps = self.predict_noise(latent, timestep, self.encode_prompt(prompt), control)
+        return frames.from_model_output(np.array(self.decode(self.scheduler.predict_x0(latent, eps, timestep))),
+                                        bgr=False)
 
     def img2img(self, image: np.ndarray, prompt: str, strength: float | None = None, seed: int = 0,
-                size: int | tuple[int, int] = 512, noise: np.ndarray | None = None) -> np.ndarray:
+                size: int | tuple[int, int] = 512, noise: np.ndarray | None = None,
+                control_image: np.ndarray | None = None,
+                control_strength: float = DEFAULT_CONTROL_STRENGTH) -> np.ndarray:
         """One step from an RGB uint8 image (centre-cropped to the aspect of `size`, resized) → RGB uint8.
 
         `strength=None` runs at the model's one-step timestep (SDXS: t=999, as the camera does);
-        a strength in (0, 1] picks t = timesteps₅₀[int(50·(1−strength))] (SD-Turbo style).
+        a strength in (0, 1] picks t = timesteps₅₀[int(50·(1−strength))] (SD-Turbo style). `control_image`
+        and `control_strength` as in `txt2img`.
         """
         size = self.check_size(size)
         frames.check_frame(image, "RGB image")
         if strength is not None and strength < 1.0 and self.is_sdxs:
             warnings.warn(SDXS_MUD_WARNING, stacklevel=2)
+        control = None if control_image is None else (self.control_input(control_image, size), control_strength)
         timestep = self.scheduler.one_step_timestep(strength)
         latent = self.encode(mx.array(frames.to_model_input(image, size, bgr=False)))
         noise = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
         noisy = self.scheduler.add_noise(latent, noise, timestep)
-        eps = self.predict_noise(noisy, timestep, self.encode_prompt(prompt))
+        eps = self.predict_noise(noisy, timestep, self.encode_prompt(prompt), control)
         return frames.from_model_output(np.array(self.decode(self.scheduler.predict_x0(noisy, eps, timestep))),
                                         bgr=False)
 
@@ -200,7 +257,8 @@ class SDXSPipeline:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": runtime.dtype_name(self.dtype), "label": self.label,
                 "kernels": self.unet.ops.name, "unet_parameters": _count(self.unet),
-                "vae": type(self.vae).__name__, "text_encoder_parameters": _count(self.text_encoder)}
+                "vae": type(self.vae).__name__, "text_encoder_parameters": _count(self.text_encoder),
+                "controlnet_parameters": _count(self.controlnet) if self.controlnet is not None else None}
 
 
 class MLXEngine:
@@ -222,8 +280,14 @@ class MLXEngine:
         self.latent_channels = pipeline.latent_channels
         self.label = pipeline.label
         self._owner: runtime.OwnedStream | None = None
-        self._time: dict[int, list[mx.array]] = {}
-        self._text = mx.compile(pipeline.unet.text_conditioning)
+        self._time: dict[tuple[int, int], list[mx.array]] = {}
+        #: The networks that take a conditioning: the UNet, and the ControlNet when there is one.
+        self._networks = [pipeline.unet] + ([pipeline.controlnet] if pipeline.controlnet is not None else [])
+        self._text = mx.compile(lambda embeds: [network.text_conditioning(embeds) for network in self._networks])
+
+    @property
+    def controlled(self) -> bool:
+        return self.pipeline.controlnet is not None
 
     def worker(self):
         return runtime.worker_thread()
@@ -239,8 +303,11 @@ class MLXEngine:
         """`step` (`recipe.denoise`) compiled whole, with this engine bound and the feedback as an array."""
         compiled = mx.compile(lambda timestep, *arrays: step(self, timestep, *arrays))
 
-        def run(engine, timestep: int, frame, previous, noise, feedback: float, conditioning, clock=None):
-            return compiled(timestep, frame, previous, noise, mx.array(feedback, dtype=mx.float32), conditioning)
+        def run(engine, timestep: int, frame, previous, noise, feedback: float, conditioning, control=None, clock=None):
+            if control is not None:
+                control = (control[0], mx.array(control[1], dtype=mx.float32))
+            return compiled(timestep, frame, previous, noise, mx.array(feedback, dtype=mx.float32), conditioning,
+                            control)
 
         return run
 
@@ -266,19 +333,25 @@ class MLXEngine:
     def encode(self, image: mx.array) -> mx.array:
         return self.pipeline.encode(image)
 
-    def condition(self, embeds: mx.array) -> list[tuple[mx.array, mx.array]]:
+    def condition(self, embeds: mx.array) -> list[list[tuple[mx.array, mx.array]]]:
+        """Per network (the UNet, then the ControlNet): every cross-attention's keys and values."""
         return self._text(embeds)
 
-    def _time_conditioning(self, timestep: int) -> list[mx.array]:
-        if timestep not in self._time:  # evaluated at once: a constant of the compiled frame, not a step of it
-            self._time[timestep] = self.pipeline.unet.time_conditioning(timestep)
-            mx.eval(self._time[timestep])
-        return self._time[timestep]
+    def _time_conditioning(self, network: int, timestep: int) -> list[mx.array]:
+        key = (network, timestep)
+        if key not in self._time:  # evaluated at once: a constant of the compiled frame, not a step of it
+            self._time[key] = self._networks[network].time_conditioning(timestep)
+            mx.eval(self._time[key])
+        return self._time[key]
 
-    def predict_noise(self, noisy: mx.array, timestep: int, conditioning: list) -> mx.array:
-        unet = self.pipeline.unet
-        cond = Conditioning(self._time_conditioning(timestep), conditioning)
-        return unet.predict(noisy.astype(self.pipeline.dtype), cond).astype(mx.float32)
+    def predict_noise(self, noisy: mx.array, timestep: int, conditioning: list,
+                      control: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        noisy = noisy.astype(self.pipeline.dtype)
+        conds = [Conditioning(self._time_conditioning(i, timestep), text) for i, text in enumerate(conditioning)]
+        residuals = None
+        if control is not None:
+            residuals = self.pipeline.controlnet.residuals(noisy, conds[1], control[0], control[1])
+        return self.pipeline.unet.predict(noisy, conds[0], residuals).astype(mx.float32)
 
     def decode(self, latent: mx.array) -> mx.array:
         return self.pipeline.decode(latent)

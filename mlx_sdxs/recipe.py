@@ -36,6 +36,10 @@ from mlx_sdxs.errors import ConfigError
 from mlx_sdxs.scheduler import OneStepScheduler
 
 STAGES = ("preprocess", "encode", "unet", "decode", "postprocess")
+#: The ControlNet's strength where nothing else says (IDKiro/sdxs's sketch demo's default).
+DEFAULT_CONTROL_STRENGTH = 0.8
+#: A ControlNet's strength can go past 1 (diffusers takes any scale); past 2 a frame is only the control.
+MAX_CONTROL_STRENGTH = 2.0
 #: The stages the models run ("enc+UNet+dec"); pre/postprocessing is reported apart.
 MODEL_STAGES = ("encode", "unet", "decode")
 LATENT_SCALE = 8  # VAE spatial downsampling of every SD-family checkpoint
@@ -56,11 +60,15 @@ class RecipeSettings:
     strength: float | None = None
     seed_b: int | None = None
     seed_blend: float = 0.0
+    #: With a ControlNet: how each frame becomes its control image (`frames.CONTROL_MODES`), and its strength.
+    control: str = "edges"
+    control_strength: float = DEFAULT_CONTROL_STRENGTH
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "render_size", frames.as_size(self.render_size))
         for name in ("feedback", "prompt_morph", "seed_blend"):
             check_fraction(getattr(self, name), name)
+        check_control(self.control, self.control_strength)
 
     @property
     def width(self) -> int:
@@ -80,6 +88,14 @@ def check_fraction(value: float, name: str, high: float = 1.0) -> float:
     if not 0.0 <= number <= high:
         raise ConfigError(f"{name} must be in [0, {high:g}], got {value}")
     return number
+
+
+def check_control(mode: str | None, strength: float | None) -> None:
+    """A control mode and strength, either may be None (unchanged); anything else is a ConfigError naming it."""
+    if mode is not None and mode not in frames.CONTROL_MODES:
+        raise ConfigError(f"control mode must be one of {', '.join(frames.CONTROL_MODES)}, got {mode!r}")
+    if strength is not None:
+        check_fraction(strength, "control strength", MAX_CONTROL_STRENGTH)
 
 
 def seed_noise(seed: int, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -124,6 +140,8 @@ class Engine(Protocol):
     latent_channels: int
     #: Shown on every output when set (random-weight models say so).
     label: str | None
+    #: Whether the model has a ControlNet (then every frame brings a control image).
+    controlled: bool
 
     def upload(self, frame: np.ndarray) -> Any:
         """A fitted uint8 BGR (H, W, 3) frame → the engine's array (still uint8 BGR)."""
@@ -147,7 +165,8 @@ class Engine(Protocol):
         """What `predict_noise` takes for these prompt embeddings (MLX: each cross-attention's keys and
         values, computed once per conditioning instead of once per frame; others: `embeds` itself)."""
 
-    def predict_noise(self, noisy: Any, timestep: int, conditioning: Any) -> Any: ...
+    def predict_noise(self, noisy: Any, timestep: int, conditioning: Any, control: tuple[Any, Any] | None = None) -> Any:
+        """ε; with a ControlNet, `control` is (its RGB image in [0, 1] in the models' layout, its strength)."""
 
     def decode(self, latent: Any) -> Any: ...
 
@@ -193,6 +212,8 @@ class HostFrames:
     def download(self, frame: np.ndarray) -> np.ndarray:
         return frame
 
+    controlled = False
+
     def condition(self, embeds: Any) -> Any:
         return embeds
 
@@ -231,10 +252,12 @@ class StageClock:
 
 
 def denoise(engine: Engine, timestep: int, frame: Any, previous: Any, noise: Any, feedback: Any,
-            conditioning: Any, clock: StageClock | None = None) -> tuple[Any, Any]:
+            conditioning: Any, control: tuple[Any, Any] | None = None,
+            clock: StageClock | None = None) -> tuple[Any, Any]:
     """One frame of the recipe on engine arrays: (uint8 BGR output, denoised latent for the next frame's
     feedback). Python operators only, so it runs on every engine, and MLX compiles it whole. `feedback` is
-    0 on a stream's first frame (whose `previous` is zeros): (1 − 0)·latent + 0·0 is the latent exactly."""
+    0 on a stream's first frame (whose `previous` is zeros): (1 − 0)·latent + 0·0 is the latent exactly.
+    `control`: (the control image as an uploaded uint8 frame, its strength) for a model with a ControlNet."""
     scheduler = engine.scheduler
     image = engine.image_in(frame)
     if clock is not None:
@@ -244,7 +267,10 @@ def denoise(engine: Engine, timestep: int, frame: Any, previous: Any, noise: Any
     noisy = scheduler.add_noise(latent, noise, timestep)
     if clock is not None:
         clock.mark(noisy)
-    denoised = scheduler.predict_x0(noisy, engine.predict_noise(noisy, timestep, conditioning), timestep)
+    if control is not None:
+        control = ((engine.image_in(control[0]) + 1.0) * 0.5, control[1])  # the ControlNet's [0, 1] RGB
+    eps = engine.predict_noise(noisy, timestep, conditioning, control)
+    denoised = scheduler.predict_x0(noisy, eps, timestep)
     if clock is not None:
         clock.mark(denoised)
     decoded = engine.decode(denoised)
@@ -280,6 +306,7 @@ class Recipe:
         self.scheduler = engine.scheduler
         self.timestep = self.scheduler.one_step_timestep(settings.strength)
         self.feedback = settings.feedback
+        self.control_mode, self.control_strength = settings.control, settings.control_strength
         self.clock = StageClock(engine.sync)
         self._noise = engine.from_nhwc(fixed_noise(settings, engine.latent_channels))
         #: The previous frame's denoised latent; zeros (with no feedback) before the first frame.
@@ -373,6 +400,16 @@ class Recipe:
     def set_feedback(self, feedback: float) -> None:
         self.feedback = check_fraction(feedback, "feedback")
 
+    @property
+    def controlled(self) -> bool:
+        return self.engine.controlled
+
+    def set_control(self, mode: str | None = None, strength: float | None = None) -> None:
+        """How frames become the ControlNet's image (`frames.CONTROL_MODES`) and its strength; None keeps one."""
+        check_control(mode, strength)
+        self.control_mode = mode if mode is not None else self.control_mode
+        self.control_strength = strength if strength is not None else self.control_strength
+
     def warmup(self, frames_count: int = 2) -> None:
         """Run grey frames so the first real one pays no compile/allocation cost; the stream state
         (feedback latent, conditioning) is restored afterwards."""
@@ -394,11 +431,14 @@ class Recipe:
         started = clock.start()
         if self.morphing:
             self._morph_step()
-        frame = engine.upload(frames.fit(frame_bgr, self.settings.render_size))
+        fitted = frames.fit(frame_bgr, self.settings.render_size)
+        control = None
+        if engine.controlled:
+            control = (engine.upload(frames.control_image(fitted, self.control_mode)), self.control_strength)
         feedback = self.feedback if self.has_previous else 0.0
         step = denoise if profiled else self._step
-        output, self.previous = step(engine, self.timestep, frame, self.previous, self._noise, feedback,
-                                     self._conditioning, clock if profiled else None)
+        output, self.previous = step(engine, self.timestep, engine.upload(fitted), self.previous, self._noise,
+                                     feedback, self._conditioning, control, clock if profiled else None)
         self.has_previous = True
         engine.start([output, self.previous])
         return PendingFrame(output, started, time.perf_counter(), profiled)

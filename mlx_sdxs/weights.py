@@ -31,7 +31,7 @@ _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v."
 
 
 def map_key(component: str, key: str) -> str | None:
-    """Map one checkpoint key of `component` ("unet", "vae", "text_encoder") to its MLX key.
+    """Map one checkpoint key of `component` ("unet", "vae", "text_encoder", "controlnet") to its MLX key.
 
     Returns None for buffers that are not parameters (e.g. CLIP's `position_ids`).
     """
@@ -43,7 +43,7 @@ def map_key(component: str, key: str) -> str | None:
         for old, new in _LEGACY_ATTENTION.items():
             key = key.replace(old, new)
         return key
-    if component == "unet":
+    if component in ("unet", "controlnet"):
         return key
     raise ValueError(f"unknown component {component!r}")
 
@@ -74,7 +74,7 @@ def build_model_from(component_dir: Path, component: str) -> nn.Module:
 
 def build_model(config: dict[str, Any], component: str) -> nn.Module:
     """Instantiate the MLX module a checkpoint config describes. Parameters are lazy: nothing is computed."""
-    from mlx_sdxs.models import autoencoder_kl, clip, taesd, unet
+    from mlx_sdxs.models import autoencoder_kl, clip, controlnet, taesd, unet
 
     class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     registry = {
@@ -82,6 +82,7 @@ def build_model(config: dict[str, Any], component: str) -> nn.Module:
         ("vae", "AutoencoderTiny"): (taesd.TinyVAEConfig, taesd.AutoencoderTiny),
         ("vae", "AutoencoderKL"): (autoencoder_kl.KLVAEConfig, autoencoder_kl.AutoencoderKL),
         ("text_encoder", "CLIPTextModel"): (clip.CLIPTextConfig, clip.CLIPTextModel),
+        ("controlnet", "ControlNetModel"): (controlnet.ControlNetConfig, controlnet.ControlNetModel),
     }
     if (component, class_name) not in registry:
         known = ", ".join(name for comp, name in registry if comp == component)
@@ -210,3 +211,8 @@ def load_vae(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | Non
 def load_text_encoder(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
     """Load a converted CLIP text encoder folder."""
     return load_component(path, "text_encoder", dtype, kernels)
+
+
+def load_controlnet(path: str | Path, dtype: mx.Dtype | None = None, kernels: str | None = None) -> nn.Module:
+    """Load a converted ControlNet folder."""
+    return load_component(path, "controlnet", dtype, kernels)

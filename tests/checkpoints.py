@@ -113,6 +113,26 @@ def build_checkpoint(path: str | Path, seed: int = 0, vae: str = "tiny") -> Path
     return write_checkpoint(path, models, SCHEDULER_CONFIG, tokenizer)
 
 
+def build_converted(root: Path) -> tuple[Path, Path]:
+    """A tiny checkpoint under `root` and its MLX conversion beside it: (diffusers folder, converted folder)."""
+    from mlx_sdxs.convert import convert_checkpoint
+
+    checkpoint = build_checkpoint(root / "diffusers")
+    return checkpoint, convert_checkpoint(checkpoint, root / "mlx")
+
+
+def build_sketch_checkpoint(path: str | Path) -> Path:
+    """The tiny-sketch preset (the tiny model and a ControlNet for it) as a diffusers checkpoint, every weight
+    seeded noise: diffusers starts a ControlNet's zero convolutions at zero, which would hide a dropped residual
+    or a control image that never arrives."""
+    from mlx_sdxs import presets
+    from mlx_sdxs.backends.reference import build_torch_models
+
+    configs = presets.configs("tiny-sketch")
+    models = {name: randomize_(model, seed) for seed, (name, model) in enumerate(build_torch_models(configs).items())}
+    return write_checkpoint(Path(path), models, configs["scheduler"])
+
+
 def camera_frames(count: int, height: int = 120, width: int = 160, seed: int = 0) -> list[np.ndarray]:
     """`count` uint8 BGR frames of a slowly panning scene with sensor noise (non-square, to exercise the crop)."""
     rng = np.random.default_rng(seed)
@@ -135,3 +155,14 @@ def assert_pixels_close(actual: np.ndarray, expected: np.ndarray, what: str, mea
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
     assert diff.mean() <= mean and diff.max() <= peak, f"{what}: mean |Δ| {diff.mean():.3f}, max {diff.max()} (/255)"
+
+
+def assert_controlled_streams_match(actual, expected, frames: list[np.ndarray], what: str) -> None:
+    """Two controlled streams give the same pixels frame by frame, through a control mode and strength change
+    halfway."""
+    assert actual.controlled and expected.controlled
+    for i, frame in enumerate(frames):
+        if i == len(frames) // 2:
+            for stream in (actual, expected):
+                stream.set_control("sketch", 1.2)
+        assert_pixels_close(actual.process(frame), expected.process(frame), f"{what} with control, frame {i}")

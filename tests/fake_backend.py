@@ -83,6 +83,7 @@ class FakeBackend:
     compute); `fail_at=k` raises on the k-th `process` call; `on_frame(k)` runs after the k-th."""
 
     name = "fake"
+    controlled = False
 
     def __init__(self, render_size: int | tuple[int, int] = 64, cost_s: float = 0.0, fail_at: int | None = None,
                  on_frame: Callable[[int], None] | None = None, label: str | None = None):
@@ -117,6 +118,9 @@ class FakeBackend:
 
     def set_seed_blend(self, blend: float) -> None:
         self.requests.append(("seed_blend", blend))
+
+    def set_control(self, mode=None, strength=None) -> None:
+        self.requests.append(("control", (mode, strength)))
 
     def worker(self):
         return nullcontext()

@@ -20,10 +20,10 @@ pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(tmp_path: Path, backends: str) -> dict:
+def _bench(tmp_path: Path, backends: str, preset: str = "tiny") -> dict:
     env = {**os.environ, "MLX_SDXS_WEIGHTS": str(tmp_path / "weights")}
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "bench.run", "--backends", backends, "--sizes", "64", "--preset", "tiny",
+    command = [sys.executable, "-m", "bench.run", "--backends", backends, "--sizes", "64", "--preset", preset,
                "--frames", "2", "--warmup", "1", "--loop-frames", "2", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,6 +62,19 @@ def test_bench_without_mlx_compares_against_the_first_backend_that_ran(tmp_path)
     assert results["torch"]["time_vs_mlx"] == 1.0
     table = next((tmp_path / "out").glob("bench-*.md")).read_text()
     assert "| 64 | onnx | —" in table and "- onnx @ 64: ConfigError: --render-size sides must be" in table
+
+
+def test_a_controlnet_preset_puts_each_backends_controlnet_frame_beside_its_plain_one(tmp_path):
+    report = _bench(tmp_path, "mlx,torch", preset="tiny-sketch")
+    results = report["sizes"]["64"]
+    assert set(results) == {"mlx", "mlx+controlnet", "torch", "torch+controlnet"}
+    assert results["mlx"]["time_vs_mlx"] == results["mlx+controlnet"]["time_vs_mlx"] == 1.0  # each against its own MLX
+    for name in ("mlx", "torch"):
+        assert results[name + "+controlnet"]["unet_gflop"] > results[name]["unet_gflop"]  # ControlNet + UNet
+        assert results[name + "+controlnet"]["loop"]["inferred"] >= 2
+    assert report["primitives"]["64+controlnet"]["frame"] > report["primitives"]["64"]["frame"]
+    table = next((tmp_path / "out").glob("bench-*.md")).read_text()
+    assert "- mlx+controlnet @ 64: " in table and "- torch+controlnet @ 64: " in table
 
 
 def test_bench_refuses_an_images_folder_without_images(tmp_path):

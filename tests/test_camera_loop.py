@@ -200,6 +200,30 @@ def test_knob_requests_reach_the_backend_before_the_next_frame():
 
 
 @pytest.mark.timeout(20)
+def test_control_knobs_reach_a_controlnet_backend_and_are_refused_without_one():
+    from mlx_sdxs.camera.state import LiveState
+    from mlx_sdxs.errors import ConfigError
+
+    backend = FakeBackend()
+    backend.controlled = True
+    control = LoopControl(LiveState(control="edges", control_strength=0.8))
+    control.request(prompt="a")
+
+    def turn_knobs(control):
+        control.request(control="sketch", control_strength=1.25)
+
+    run_loop(CountingSource(fps=200), backend, Collector(at=2, action=turn_knobs), control=control, max_results=5)
+    assert ("control", ("sketch", 1.25)) in backend.requests
+    assert (control.state.control, control.state.control_strength) == ("sketch", 1.25)
+    with pytest.raises(ConfigError, match="control strength needs a model with a ControlNet"):
+        LoopControl().request(control_strength=0.5)
+    with pytest.raises(ConfigError, match="control mode must be one of"):
+        control.request(control="canny")
+    with pytest.raises(ConfigError, match="control strength must be in"):
+        control.request(control_strength=3)
+
+
+@pytest.mark.timeout(20)
 def test_quit_request_stops_the_loop():
     stats = run_loop(CountingSource(fps=200), FakeBackend(), Collector(at=4, action=LoopControl.quit))
     assert stats.stop_reason == "quit" and stats.displayed == 4

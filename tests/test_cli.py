@@ -24,6 +24,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_txt2img_random_model_is_labelled(tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(["txt2img", "--prompt", "a red fox", "--model", "random-tiny", "--size", "64", "-o", str(out)]) == 0
@@ -36,6 +42,7 @@ def test_txt2img_random_model_is_labelled(tmp_path, capsys):
     plain = SDXSPipeline.random("random-tiny").txt2img("a red fox", size=64)
     assert not np.array_equal(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), plain)
     assert not list(tmp_path.glob("*.partial"))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # like any file the user writes, not a temp's 0600
 
 
 def test_img2img_reads_odd_inputs(tmp_path):
@@ -55,6 +62,7 @@ def test_convert_then_run_the_converted_folder(tmp_path):
     source = build_checkpoint(tmp_path / "ckpt")
     dst = tmp_path / "weights" / "tiny"
     assert main(["convert", str(source), "-o", str(dst)]) == 0
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable by others, not a temp folder's 0700
     out = tmp_path / "t.png"
     assert main(["txt2img", "--prompt", "x", "--model", str(dst), "--size", "64", "-o", str(out)]) == 0
     assert out.is_file()

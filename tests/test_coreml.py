@@ -12,14 +12,14 @@ import platform
 import pytest
 import torch
 
-from checkpoints import assert_pixels_close, build_checkpoint, camera_frames
+from checkpoints import assert_pixels_close, build_checkpoint, build_sketch_checkpoint, camera_frames
 from mlx_sdxs.backends import COMPUTE_UNITS
 from mlx_sdxs.backends.exported import ExportManifest
 from mlx_sdxs.errors import BackendUnavailable, ConfigError
 from mlx_sdxs.recipe import RecipeSettings
 
 ct = pytest.importorskip("coremltools")
-from mlx_sdxs.backends.export import Graph  # noqa: E402  (imports torch + diffusers; after the skip)
+from mlx_sdxs.backends.export import Graph, build_graphs  # noqa: E402  (imports torch + diffusers; after the skip)
 from mlx_sdxs.backends.export.coreml import convert_graph, export_coreml  # noqa: E402
 
 pytestmark = pytest.mark.policy_independent  # see pyproject.toml
@@ -63,6 +63,16 @@ def test_export_writes_ml_programs_with_the_expected_interface(packages, checkpo
         assert features(spec, "output") == outputs, component
         assert manifest.inputs[component] == {name: shape for name, (shape, _) in inputs.items()}
     assert json.loads((packages / "manifest.json").read_text())["latents_scaled"] is True
+
+
+def test_the_sketch_model_converts_with_its_controlnet_inside_the_unet_graph(tmp_path):
+    checkpoint = build_sketch_checkpoint(tmp_path / "checkpoint")
+    graph = build_graphs(checkpoint, (256, 256), checkpoint / "controlnet")["unet"]
+    spec = convert_graph(graph, "float16", "macOS14").get_spec()
+    assert features(spec, "input") == {
+        "sample": ([1, 4, 32, 32], FLOAT32), "timestep": ([1], FLOAT32), "encoder_hidden_states": ([1, 77, 64], FLOAT32),
+        "controlnet_cond": ([1, 3, 256, 256], FLOAT32), "conditioning_scale": ([1], FLOAT32)}
+    assert features(spec, "output") == {"noise_pred": ([1, 4, 32, 32], FLOAT16)}
 
 
 def test_export_rejects_unsupported_render_sizes(checkpoint, tmp_path):

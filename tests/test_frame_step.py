@@ -49,8 +49,8 @@ class StagedEngine(MLXEngine):
     def condition(self, embeds):
         return embeds
 
-    def predict_noise(self, noisy, timestep, embeds):
-        return self.pipeline.predict_noise(noisy, timestep, embeds)
+    def predict_noise(self, noisy, timestep, embeds, control=None):
+        return self.pipeline.predict_noise(noisy, timestep, embeds, control)
 
 
 POLICIES = [

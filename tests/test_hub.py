@@ -112,3 +112,98 @@ def test_folders_are_named_after_the_model_not_the_snapshot_hash(fake_hub_cache,
     assert snapshot.parent.name == "snapshots"
     assert hub.model_slug(snapshot) == "IDKiro--sdxs-512-0.9"
     assert hub.model_slug(tmp_path / "my-model") == "my-model"
+
+
+# --- the SDXS-512 family ---------------------------------------------------------------------------
+
+
+def _tiny_controlnet(folder):
+    """A ControlNet for the tiny checkpoint's UNet, saved as the Sketch repo ships it (config + safetensors)."""
+    from diffusers import ControlNetModel
+
+    from checkpoints import TEXT_DIM
+    from oracle import randomize_
+
+    model = ControlNetModel(block_out_channels=(32, 64), layers_per_block=1,
+                            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                            only_cross_attention=(True, False), use_linear_projection=True, attention_head_dim=(1, 2),
+                            cross_attention_dim=TEXT_DIM, norm_num_groups=32,
+                            conditioning_embedding_out_channels=(8, 8, 8, 8))
+    randomize_(model, seed=5).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _tiny_peft_adapter(folder, unet_folder):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    torch_unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    get_peft_model(torch_unet, config).save_pretrained(folder)
+    return folder
+
+
+def test_the_sketch_model_is_its_base_and_its_controlnet_converted_as_one(fake_hub_cache, tiny_checkpoint, tmp_path):
+    put_in_cache(fake_hub_cache, "IDKiro/sdxs-512-dreamshaper", tiny_checkpoint)
+    put_in_cache(fake_hub_cache, "IDKiro/sdxs-512-dreamshaper-sketch", _tiny_controlnet(tmp_path / "controlnet"))
+    weights = tmp_path / "weights"
+    pipeline = SDXSPipeline.from_pretrained("sdxs-512-dreamshaper-sketch", weights_root=weights, offline=True)
+    assert pipeline.controlnet is not None and pipeline.label is None
+    [(name, _, _)] = [entry[:3] for entry in hub.cached_models(weights)]
+    assert name.startswith("IDKiro--sdxs-512-dreamshaper+IDKiro--sdxs-512-dreamshaper-sketch-")
+    # the plain base is another model: its folder has no ControlNet
+    assert SDXSPipeline.from_pretrained("sdxs-512-dreamshaper", weights_root=weights, offline=True).controlnet is None
+
+
+def test_the_anime_model_is_its_base_with_its_lora_merged_at_load(fake_hub_cache, tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    put_in_cache(fake_hub_cache, "IDKiro/sdxs-512-dreamshaper", tiny_checkpoint)
+    put_in_cache(fake_hub_cache, "IDKiro/sdxs-512-dreamshaper-anime",
+                 _tiny_peft_adapter(tmp_path / "anime", tiny_checkpoint / "unet"))
+    weights = tmp_path / "weights"
+    anime = SDXSPipeline.from_pretrained("sdxs-512-dreamshaper-anime", weights_root=weights, offline=True)
+    base = SDXSPipeline.from_pretrained("sdxs-512-dreamshaper", weights_root=weights, offline=True)
+    assert "LoRA IDKiro/sdxs-512-dreamshaper-anime@1" in anime.name
+    assert [entry[0] for entry in hub.cached_models(weights)] == ["IDKiro--sdxs-512-dreamshaper-float32"]
+    query = lambda p: np.array(p.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight)  # noqa: E731
+    assert np.abs(query(anime) - query(base)).max() > 1e-3
+
+
+def test_vae_large_takes_the_checkpoints_kl_vae(fake_hub_cache, tiny_checkpoint, tmp_path):
+    from checkpoints import tiny_vae
+
+    with_large = tmp_path / "dreamshaper"
+    shutil.copytree(tiny_checkpoint, with_large)
+    tiny_vae(seed=7, kind="kl").save_pretrained(with_large / "vae_large", safe_serialization=True)
+    put_in_cache(fake_hub_cache, "IDKiro/sdxs-512-dreamshaper", with_large)
+    weights = tmp_path / "weights"
+    pipeline = SDXSPipeline.from_pretrained("sdxs-512-dreamshaper", vae="large", weights_root=weights, offline=True)
+    assert type(pipeline.vae).__name__ == "AutoencoderKL"
+    assert any(entry[0].endswith("+vae-large-float32") for entry in hub.cached_models(weights))
+    with pytest.raises(WeightsError, match="vae_large"):
+        hub.resolve(str(tiny_checkpoint), vae="large", weights_root=weights)
+
+
+@pytest.mark.parametrize("model, shape", [("sdxs-512-dreamshaper-sketch", "sdxs-512-dreamshaper-sketch"),
+                                          ("sdxs-512-dreamshaper-anime", "sdxs-512-dreamshaper"),
+                                          ("IDKiro/sdxs-512-dreamshaper", "sdxs-512-dreamshaper")])
+def test_family_models_fall_back_offline_to_labelled_random_weights_of_their_shape(
+        fake_hub_cache, tmp_path, monkeypatch, model, shape):
+    import io
+    from types import SimpleNamespace
+
+    from mlx_sdxs.backends import BackendChoice, load_pipeline
+
+    built = []  # (the full-size random models take a minute to build: their shape is what counts here)
+    monkeypatch.setattr(SDXSPipeline, "random", classmethod(
+        lambda cls, preset, **kw: built.append(preset) or SimpleNamespace(name=preset, label="RANDOM")))
+    log = io.StringIO()
+    load_pipeline(BackendChoice(model=model, offline=True, weights_dir=tmp_path), fallback_to_random=True, log=log)
+    assert built == [shape]
+    assert f"RANDOM WEIGHTS in the {shape} shape: NOT a trained model" in log.getvalue()
+    assert model.removeprefix("IDKiro/") in log.getvalue()  # the error says which model could not be had
+    assert ("without its LoRA" in log.getvalue()) == model.endswith("anime")
+    with pytest.raises(SDXSError):
+        load_pipeline(BackendChoice(model="someone/else", offline=True, weights_dir=tmp_path), fallback_to_random=True,
+                      log=log)

@@ -1,7 +1,7 @@
 """ONNX export of the tiny SDXS-shaped checkpoint, and the ONNX Runtime engine vs torch on the same frames.
 
 Tolerance (fp32): pixels mean |Δ| ≤ 1/255, max ≤ 4/255; kept latents within 1e-4 relative.
-Runtime on 2 cores: ~25 s (export ~15 s at render size 256, the smallest the command accepts).
+Runtime on 2 cores: ~50 s (each export ~15 s at render size 256, the smallest the command accepts).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from checkpoints import assert_pixels_close, build_checkpoint, camera_frames
+from checkpoints import (assert_controlled_streams_match, assert_pixels_close, build_checkpoint,
+                         build_sketch_checkpoint, camera_frames)
 from mlx_sdxs.backends.base import Backend
-from mlx_sdxs.backends.exported import ExportManifest
+from mlx_sdxs.backends.exported import CONTROL_INPUTS, UNET_INPUTS, ExportManifest
 from mlx_sdxs.backends.onnx_backend import onnx_stream
 from mlx_sdxs.backends.torch_backend import torch_stream
 from mlx_sdxs.errors import ConfigError
@@ -70,3 +71,25 @@ def test_onnx_backend_matches_torch(exported):
     assert set(onnx_backend.last_stage_ms) == {"preprocess", "encode", "unet", "decode", "postprocess"}
     onnx_backend.close()
     onnx_backend.close()
+
+
+def test_the_sketch_model_exports_its_controlnet_inside_the_unet_graph(tmp_path):
+    """ControlNet + UNet as one ONNX graph vs torch's ControlNet then UNet, on the same control images through a
+    mode and strength change; at strength 0 the output moves by far more than the tolerance (the control image
+    reaches the graph)."""
+    from mlx_sdxs.cli import main
+
+    checkpoint = build_sketch_checkpoint(tmp_path / "checkpoint")
+    assert main(["export", "onnx", str(checkpoint), str(tmp_path / "onnx"), "--render-size", "256"]) == 0
+    manifest = ExportManifest.load(tmp_path / "onnx", "onnx")
+    assert list(manifest.inputs["unet"]) == list(UNET_INPUTS + CONTROL_INPUTS)
+    assert manifest.controlnet == str((checkpoint / "controlnet").resolve())
+    settings = RecipeSettings(render_size=256, seed=7, control="edges", control_strength=0.8)
+    onnx_backend = onnx_stream(tmp_path / "onnx", settings, prompt="a pencil drawing of a house")
+    torch_backend = torch_stream(checkpoint, settings, prompt="a pencil drawing of a house")
+    frames = camera_frames(4)
+    assert_controlled_streams_match(onnx_backend, torch_backend, frames, "ONNX vs torch")
+    steered = onnx_backend.process(frames[0])
+    onnx_backend.set_control(strength=0.0)
+    diff = np.abs(onnx_backend.process(frames[0]).astype(int) - steered.astype(int))
+    assert diff.mean() > 8, f"the control image barely moves the ONNX output (mean |Δ| {diff.mean():.2f}/255)"

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import assert_pixels_close, build_checkpoint
-from mlx_sdxs.convert import convert_checkpoint
+from checkpoints import assert_pixels_close, build_converted
 from mlx_sdxs.pipeline import SDXSPipeline
 
 SIZE = 64
@@ -18,9 +17,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    source = build_checkpoint(root / "diffusers")
-    return source, convert_checkpoint(source, root / "mlx")
+    return build_converted(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ class NumpyToy(HostFrames):
         pooled = image.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4))
         return pooled @ MIX
 
-    def predict_noise(self, noisy, timestep, embeds):
+    def predict_noise(self, noisy, timestep, embeds, control=None):
         return np.tanh(noisy) * 0.5 + embeds.mean()
 
     def decode(self, latent):
@@ -77,7 +77,7 @@ class MLXToy(NumpyToy):
         b, h, w, c = image.shape
         return image.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4)) @ mx.array(MIX)
 
-    def predict_noise(self, noisy, timestep, embeds):
+    def predict_noise(self, noisy, timestep, embeds, control=None):
         return mx.tanh(noisy) * 0.5 + embeds.mean()
 
     def decode(self, latent):
@@ -112,7 +112,7 @@ class TorchToy(NumpyToy):
         pooled = self.torch.nn.functional.avg_pool2d(image, 8)
         return self.torch.einsum("bchw,cd->bdhw", pooled, self.mix)
 
-    def predict_noise(self, noisy, timestep, embeds):
+    def predict_noise(self, noisy, timestep, embeds, control=None):
         return self.torch.tanh(noisy) * 0.5 + embeds.mean()
 
     def decode(self, latent):
@@ -253,3 +253,28 @@ def test_settings_refuse_out_of_range_values():
     with pytest.raises(ConfigError, match="feedback must be in"):
         RecipeSettings(feedback=1.5)
     assert RecipeSettings(render_size=(512, 384)).describe_size() == "512x384"
+
+
+def test_control_images_are_white_strokes_on_black_in_the_frames_layout():
+    """Edges: a square's outline, sketch-weight, white on black; sketch: dark strokes on paper, inverted; lines: as is."""
+    frame = np.full((256, 256, 3), 200, np.uint8)
+    frame[64:192, 64:192] = (30, 60, 90)
+    edges = frames.control_image(frame, "edges")
+    assert edges.shape == frame.shape and edges.dtype == np.uint8
+    assert set(np.unique(edges)) == {0, 255}
+    assert (edges[:, :, 0] == edges[:, :, 2]).all()  # grey: channel order cannot matter
+    assert edges[128, 128].max() == 0 and edges[0, 0].max() == 0  # flat inside and outside
+    outline = edges[128, 56:72, 0]
+    assert 3 <= (outline == 255).sum() <= 9, "strokes ~5 px wide at 256, not Canny's one pixel"
+    paper = np.full((64, 64, 3), 255, np.uint8)
+    paper[30:34] = 0
+    np.testing.assert_array_equal(frames.control_image(paper, "sketch"), 255 - paper)
+    np.testing.assert_array_equal(frames.control_image(paper, "lines"), paper)
+
+
+@pytest.mark.parametrize("change, match", [(dict(control="canny"), "control mode must be one of"),
+                                           (dict(control_strength=2.5), "control strength"),
+                                           (dict(control_strength=-0.1), "control strength")])
+def test_control_settings_refuse_what_is_not_a_mode_or_a_strength(change, match):
+    with pytest.raises(ConfigError, match=match):
+        RecipeSettings(render_size=64, **change)

@@ -118,3 +118,104 @@ def test_studio_page_with_the_browser_webcam_end_to_end(tmp_path):
         code, _, err = studio.stop()
     assert code == 130, err
     print(f"screenshot: {tmp_path / 'studio.png'}")
+
+
+def _dark_pixels(page) -> int:
+    """Ink on the drawing canvas: pixels darker than mid-grey."""
+    return page.evaluate("""() => {
+        const c = document.querySelector('#drawing');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] < 128) n++;
+        return n;
+    }""")
+
+
+def _stroke(page, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke through `points`, given as fractions of the canvas."""
+    box = page.locator("#drawing").bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+@pytest.mark.timeout(300)
+def test_drawing_canvas_steers_the_sketch_controlnet(tmp_path):
+    """The draw source on a ControlNet model: strokes drawn with the mouse become frames, the output follows
+    them (feedback and EMA off, so the output is a function of the drawing: undo brings the earlier output
+    back exactly), and the tools work: brush size, eraser, undo, clear, upload, control strength."""
+    y4m = write_y4m(tmp_path / "webcam.y4m", webcam_frames(None))
+    studio = Studio(tmp_path, "--model", "random-tiny-sketch", "--source", "draw", "--render-size", "256",
+                    "--feedback", "0", "--ema", "0")
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = _launch(playwright, y4m)
+            page = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
+            page.goto(f"{studio.base}/?token={studio.token}")
+            _wait(lambda: page.text_content("#connection") == "live", what="the WebSocket")
+            _wait(lambda: page.is_visible("#drawing") and page.is_visible("#draw-tools"), what="the canvas and tools")
+            _wait(lambda: page.is_visible("#control-strength-row"), what="the control strength slider")
+            status = lambda: page.request.get(f"{studio.base}/api/status").json()  # noqa: E731
+            assert status()["source"] == "draw" and status()["control"] == "sketch"
+            assert page.input_value("#source") == "draw"
+
+            def output_after(action, what: str) -> bytes:
+                """Run `action` (None: the page as it is), then wait for its frames to come back through the model."""
+                before = status()["inferred"] if action else 0
+                if action:
+                    action()
+                _wait(lambda: status()["inferred"] > before, what=f"the model to run on {what}")
+                _wait(lambda: page.evaluate("document.querySelector('#output').naturalWidth") == 256,
+                      what="an AI frame on screen")
+                shots = [page.locator("#output").screenshot()]
+
+                def settled() -> bool:  # the last frame of the action is shown: two looks a moment apart agree
+                    shots.append(page.locator("#output").screenshot())
+                    return shots[-1] == shots[-2]
+
+                _wait(settled, what="the output to settle")
+                return shots[-1]
+
+            blank = output_after(None, "the blank page")
+            assert _dark_pixels(page) == 0
+            page.fill("#brush", "12")  # (a range input: fill sets its value and fires `input`)
+            house = [(0.2, 0.8), (0.2, 0.45), (0.5, 0.2), (0.8, 0.45), (0.8, 0.8), (0.2, 0.8)]
+            drawn = output_after(lambda: _stroke(page, house), "the strokes")
+            ink = _dark_pixels(page)
+            assert ink > 2000, f"a 12 px outline of a house leaves more ink than {ink} pixels"
+            assert drawn != blank, "the output did not follow the strokes"
+            _stroke(page, [(0.35, 0.8), (0.35, 0.6), (0.5, 0.6), (0.5, 0.8)])
+            assert _dark_pixels(page) > ink
+            page.click("#undo")
+            assert _dark_pixels(page) == ink
+            page.click("#eraser")
+            _stroke(page, [(0.1, 0.8), (0.9, 0.8)])
+            assert _dark_pixels(page) < ink
+            page.click("#undo")
+            page.click("#pen")
+            assert _dark_pixels(page) == ink
+            page.screenshot(path=str(tmp_path / "studio-draw.png"), full_page=True)
+            # back to the blank page: the output the blank page gave
+            assert output_after(lambda: page.click("#undo"), "the undone page") == blank
+            assert _dark_pixels(page) == 0
+
+            sketch = np.full((90, 120, 3), 255, np.uint8)
+            cv2.circle(sketch, (60, 45), 30, (0, 0, 0), 4)
+            cv2.imwrite(str(tmp_path / "circle.png"), sketch)
+            page.set_input_files("#upload", str(tmp_path / "circle.png"))
+            _wait(lambda: _dark_pixels(page) > 500, what="the uploaded sketch on the canvas")
+            page.click("#clear")
+            assert _dark_pixels(page) == 0
+
+            page.fill("#control-strength", "1.5")
+            _wait(lambda: status()["control_strength"] == 1.5, what="the control strength to reach the loop")
+            page.select_option("#control-mode", "lines")
+            _wait(lambda: status()["control"] == "lines", what="the control mode to reach the loop")
+            browser.close()
+    finally:
+        code, _, err = studio.stop()
+    assert code == 130, err
+    print(f"screenshot: {tmp_path / 'studio-draw.png'}")

@@ -22,6 +22,8 @@ class Backend(Protocol):
     label: str | None
     #: (width, height) of the frames `process` returns.
     render_size: tuple[int, int]
+    #: Whether the model has a ControlNet: then each frame also becomes its control image (`set_control`).
+    controlled: bool
     #: When True, `process` synchronises at stage boundaries and fills `last_stage_ms` per stage (the bench);
     #: otherwise `last_stage_ms` holds the host work and the whole frame ("host", "frame").
     profile_stages: bool
@@ -41,6 +43,9 @@ class Backend(Protocol):
 
     def set_seed_blend(self, blend: float) -> None:
         """Move the fixed noise along the slerp from the first random seed's to the second's."""
+
+    def set_control(self, mode: str | None = None, strength: float | None = None) -> None:
+        """How frames become the ControlNet's image (`frames.CONTROL_MODES`) and its strength; None keeps one."""
 
     def worker(self) -> AbstractContextManager:
         """Context for the thread that will make every other call (MLX: a stream that thread owns)."""

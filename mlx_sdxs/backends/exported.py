@@ -25,6 +25,9 @@ from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 MANIFEST_FILE = "manifest.json"
 #: Graph input/output names, identical in the CoreML and ONNX exports.
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+#: A ControlNet model's UNet graph (ControlNet + UNet in one) takes these too: the control image (RGB in [0, 1])
+#: and its strength, shape (1,).
+CONTROL_INPUTS = ("controlnet_cond", "conditioning_scale")
 UNET_OUTPUT = "noise_pred"
 ENCODER_INPUT, ENCODER_OUTPUT = "image", "latents"
 DECODER_INPUT, DECODER_OUTPUT = "latents", "image"
@@ -64,6 +67,8 @@ class ExportManifest:
     inputs: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     outputs: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     latents_scaled: bool = True
+    #: The ControlNet folder exported inside the UNet graph (which then takes `CONTROL_INPUTS`), if any.
+    controlnet: str | None = None
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_FILE
@@ -138,10 +143,17 @@ class ExportedEngine(HostFrames):
     def encode(self, image: np.ndarray) -> np.ndarray:
         return self._run("vae_encoder", {ENCODER_INPUT: image})
 
-    def predict_noise(self, noisy: np.ndarray, timestep: int, embeds: np.ndarray) -> np.ndarray:
-        """`embeds` is the conditioning (`condition` keeps the embeddings as they are)."""
+    @property
+    def controlled(self) -> bool:
+        return CONTROL_INPUTS[0] in self.manifest.inputs.get("unet", {})
+
+    def predict_noise(self, noisy: np.ndarray, timestep: int, embeds: np.ndarray, control=None) -> np.ndarray:
+        """`embeds` is the conditioning (`condition` keeps the embeddings as they are); `control` (image in
+        [0, 1], strength) feeds an export that holds its ControlNet."""
         feeds = (np.ascontiguousarray(noisy, dtype=np.float32), np.array([timestep], np.float32), embeds)
-        return self._run("unet", dict(zip(UNET_INPUTS, feeds)))
+        if control is not None:
+            feeds += (np.ascontiguousarray(control[0], dtype=np.float32), np.array([control[1]], np.float32))
+        return self._run("unet", dict(zip(UNET_INPUTS + CONTROL_INPUTS, feeds)))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self._run("vae_decoder", {DECODER_INPUT: np.ascontiguousarray(latent, dtype=np.float32)})

@@ -24,15 +24,32 @@ from mlx_sdxs.tokenizer import MAX_LENGTH
 
 
 class UNetEpsilon(torch.nn.Module):
-    """UNet(sample, timestep, encoder_hidden_states) → ε as a plain tensor (exportable signature)."""
+    """UNet(sample, timestep, encoder_hidden_states) → ε as a plain tensor (an exportable signature)."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class ControlledUNetEpsilon(torch.nn.Module):
+    """ControlNet then UNet as one network: (sample, timestep, encoder_hidden_states, controlnet_cond (RGB in
+    [0, 1]), conditioning_scale) → ε. The scale multiplies the residuals here, as diffusers does inside the
+    ControlNet, so that it can be a tensor: an export input, or a CUDA graph's replayed value."""
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor | float) -> torch.Tensor:
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                                    return_dict=False)
+        return self.unet(sample, timestep, encoder_hidden_states,
+                         down_block_additional_residuals=[d * conditioning_scale for d in down],
+                         mid_block_additional_residual=mid * conditioning_scale, return_dict=False)[0]
 
 
 class _VAEGraph(torch.nn.Module):
@@ -71,6 +88,18 @@ def load_unet(checkpoint_dir: str | Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(_require(Path(checkpoint_dir) / "unet", "the UNet")).eval()
+
+
+def checkpoint_controlnet(checkpoint_dir: str | Path) -> Path | None:
+    """The checkpoint's own `controlnet/` folder, if it has one (a random sketch checkpoint does)."""
+    folder = Path(checkpoint_dir) / "controlnet"
+    return folder if folder.is_dir() else None
+
+
+def load_controlnet(folder: str | Path) -> torch.nn.Module:
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_pretrained(_require(Path(folder), "the ControlNet")).eval()
 
 
 def load_vae(checkpoint_dir: str | Path) -> torch.nn.Module:
@@ -128,13 +157,18 @@ class TorchEngine:
     label = None
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, controlnet_dir: str | Path | None = None):
+        """`controlnet_dir`: a ControlNet folder (default: the checkpoint's `controlnet/`, if it has one)."""
         check_device(device)
         if cuda_graph and device != "cuda":
             raise BackendUnavailable(f"a CUDA graph needs the cuda device, not {device!r}")
         self.name = f"torch-{device}" + ("-graph" if cuda_graph else "")
         self.device, self.dtype, self.cuda_graph = device, dtype, cuda_graph
-        self.unet = UNetEpsilon(load_unet(checkpoint_dir)).to(device=device, dtype=dtype)
+        controlnet_dir = controlnet_dir or checkpoint_controlnet(checkpoint_dir)
+        self.controlled = controlnet_dir is not None
+        unet = load_unet(checkpoint_dir)
+        self.unet = (ControlledUNetEpsilon(unet, load_controlnet(controlnet_dir)) if self.controlled
+                     else UNetEpsilon(unet)).to(device=device, dtype=dtype)
         vae = load_vae(checkpoint_dir).to(device=device, dtype=dtype)
         self.encoder, self.decoder = VAEEncoder(vae), VAEDecoder(vae)
         self.prompt_encoder = ClipPromptEncoder(checkpoint_dir, device, dtype)
@@ -177,10 +211,14 @@ class TorchEngine:
         return self.encoder(image.to(self.dtype)).float()
 
     @torch.inference_mode()
-    def predict_noise(self, noisy: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
-        """`embeds` is the conditioning (`condition` keeps the embeddings as they are)."""
+    def predict_noise(self, noisy: torch.Tensor, timestep: int, embeds: torch.Tensor, control=None) -> torch.Tensor:
+        """`embeds` is the conditioning (`condition` keeps the embeddings as they are); `control` (image in [0, 1],
+        strength) runs the ControlNet first."""
         t = torch.full((1,), float(timestep), device=self.device, dtype=self.dtype)
-        return self.unet(noisy.to(self.dtype), t, embeds.to(self.dtype)).float()
+        noisy, embeds = noisy.to(self.dtype), embeds.to(self.dtype)
+        if control is None:
+            return self.unet(noisy, t, embeds).float()
+        return self.unet(noisy, t, embeds, control[0].to(self.dtype), control[1]).float()
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -219,21 +257,27 @@ class CudaGraphStep:
 
     def _capture(self, timestep: int, tensors: list[torch.Tensor]) -> None:
         self.inputs = [t.clone() for t in tensors]
+        args = (*self.inputs[:5], tuple(self.inputs[5:]) if len(self.inputs) > 5 else None)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up outside the graph (cuDNN/cuBLAS pick their algorithms)
-                self.step(self.engine, timestep, *self.inputs)
+                self.step(self.engine, timestep, *args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.outputs = self.step(self.engine, timestep, *self.inputs)
+            self.outputs = self.step(self.engine, timestep, *args)
 
     def __call__(self, engine: TorchEngine, timestep: int, frame, previous, noise, feedback: float, conditioning,
-                 clock=None):
-        feedback = torch.full((), feedback, device=engine.device, dtype=torch.float32)
-        tensors = [frame, previous, noise, feedback, conditioning]
-        if self.graph is None or any(a.shape != b.shape for a, b in zip(tensors, self.inputs)):
+                 control=None, clock=None):
+        def scalar(value: float) -> torch.Tensor:
+            return torch.full((), value, device=engine.device, dtype=torch.float32)
+
+        tensors = [frame, previous, noise, scalar(feedback), conditioning]
+        if control is not None:
+            tensors += [control[0], scalar(control[1])]
+        if self.graph is None or len(tensors) != len(self.inputs) or any(
+                a.shape != b.shape for a, b in zip(tensors, self.inputs)):
             self._capture(timestep, tensors)
         for static, tensor in zip(self.inputs, tensors):
             static.copy_(tensor)

@@ -15,16 +15,18 @@ from mlx_sdxs.errors import SourceError
 
 #: How often a waiting `read` re-checks its stop event (frames and `close` wake it at once).
 STOP_CHECK_S = 0.1
+#: The studio page's sources, whose frames it pushes: its webcam, and its drawing canvas (a sketch: dark strokes
+#: on light, the Sketch ControlNet's input once inverted).
+BROWSER_SOURCE, DRAW_SOURCE = "browser", "draw"
+PUSHED_SOURCES = (BROWSER_SOURCE, DRAW_SOURCE)
 
 
 class BrowserSource:
     """Frames pushed in (`push`): the newest one wins, an unread one is replaced, never queued. `read` waits
     for a frame newer than the last it returned."""
 
-    name = "browser webcam"
-
-    def __init__(self, fps: float = DEFAULT_FPS):
-        self.fps = fps
+    def __init__(self, fps: float = DEFAULT_FPS, name: str = "browser webcam"):
+        self.fps, self.name = fps, name
         self._slot: LatestSlot[np.ndarray] = LatestSlot()
         self._read_seq = 0
 

@@ -21,6 +21,7 @@ from mlx_sdxs.camera.loop import Tick
 from mlx_sdxs.camera.outputs import OpenCVWindow, OutputError, Sink, StatusLine
 from mlx_sdxs.camera.state import EMA_MAX, LiveState, LoopControl
 from mlx_sdxs.frames import fit
+from mlx_sdxs.recipe import MAX_CONTROL_STRENGTH
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 STEP = 0.1
@@ -106,6 +107,7 @@ def status_lines(state: LiveState) -> list[str]:
     place = f"{index + 1}/{count}" if index >= 0 else f"-/{count}"
     blends = f"prompt blend {state.prompt_blend:.2f} | " if state.prompt_b else ""
     blends += f"seed blend {state.seed_blend:.2f} | " if state.seed_blend is not None else ""
+    blends += f"control {state.control} {state.control_strength:.2f} | " if state.control is not None else ""
     return [
         f"AI: {live.get('ai_fps', 0.0):.1f} FPS | Display: {live.get('display_fps', 0.0):.1f} FPS | "
         f"Prompt {place}: {state.prompt}",
@@ -116,7 +118,7 @@ def status_lines(state: LiveState) -> list[str]:
 
 class Presenter:
     """Keys: q/ESC quit · s save the AI image · n/p next/previous gallery prompt · +/- camera blend · e/d EMA ·
-    [/] prompt A↔B blend · ,/. random-seed A↔B blend."""
+    [/] prompt A↔B blend · ,/. random-seed A↔B blend · c/v ControlNet strength."""
 
     def __init__(self, *, output_size: int, window: OpenCVWindow | None = None, sinks: Sequence[Sink] = (),
                  status: StatusLine | None = None, save_dir: str | Path = "captures", overlay: bool = True,
@@ -189,6 +191,8 @@ class Presenter:
             control.request(prompt_blend=_step(state.prompt_blend, char == "]", 1.0))
         elif char in (",", ".") and state.seed_blend is not None:
             control.request(seed_blend=_step(state.seed_blend, char == ".", 1.0))
+        elif char in ("c", "v") and state.control_strength is not None:
+            control.request(control_strength=_step(state.control_strength, char == "v", MAX_CONTROL_STRENGTH))
 
     def save(self) -> Path | None:
         """The AI image as shown (EMA and blend applied, no overlays) to a timestamped PNG in `save_dir`."""

@@ -14,13 +14,14 @@ from typing import Any, Callable, Protocol, TextIO
 from mlx_sdxs import runtime
 from mlx_sdxs.backends.base import Backend
 from mlx_sdxs.camera.loop import run_loop
+from mlx_sdxs.camera.picker import DRAW_SOURCE
 from mlx_sdxs.camera.outputs import FramesWriter, OpenCVWindow, OutputError, StatusLine, VideoRecorder, display_available
 from mlx_sdxs.camera.presenter import Presenter
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
 from mlx_sdxs.camera.sources import FrameSource, open_source
 from mlx_sdxs.camera.state import LiveState, LoopControl
 from mlx_sdxs.camera.stats import LoopStats
-from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.errors import SDXSError, SourceError
 
 BackendFactory = Callable[[argparse.Namespace], Backend]
 
@@ -46,9 +47,11 @@ def prompt_list(args: argparse.Namespace) -> tuple[list[str], int]:
     return prompts, prompts.index(args.prompt)
 
 
-def initial_knobs(args: argparse.Namespace) -> dict[str, Any]:
+def initial_knobs(args: argparse.Namespace, controlled: bool) -> dict[str, Any]:
     """The flags' knob values, requested like any later change."""
     knobs = {"prompt": args.prompt, "feedback": args.feedback, "blend": args.blend, "ema": args.ema}
+    if controlled:
+        knobs.update(control=args.control, control_strength=args.control_strength)
     if args.prompt_b:
         knobs.update(prompt_b=args.prompt_b, prompt_blend=args.prompt_blend)
     if args.seed_b is not None:
@@ -74,6 +77,10 @@ class Session:
         calling `make_backend(args)`. With `studio` there is no window, and without --source no source yet
         (the page's webcam comes through `attach`). A failure closes what was opened, then raises."""
         log = log if log is not None else sys.stderr
+        if args.source == DRAW_SOURCE and not studio:
+            raise SourceError("--source draw is the studio page's drawing canvas: run `mlx-sdxs studio --source draw`")
+        # A drawing is a sketch (dark on light); a camera's frames give the ControlNet their edges.
+        args.control = args.control or ("sketch" if args.source == DRAW_SOURCE else "edges")
         prompts, index = prompt_list(args)
         args.prompt = prompts[index]
         args.render_size = args.render_size or default_render_size(args)
@@ -81,15 +88,17 @@ class Session:
                                         seed_blend=args.seed_blend if args.seed_b is not None else None))
         session = cls(args, control, cls._presenter(args, studio, attach is not None, log), log)
         try:
-            if not (studio and args.source is None):
+            if not (studio and args.source in (None, DRAW_SOURCE)):
                 session.source = open_source(args.source, size=args.capture_size, fps=args.fps, loop=args.loop, log=log)
             if attach is not None:
                 session.servers.append(attach(session))
             session._add_files()
             session.backend = make_backend(args)
             backend = session.backend
-            control.publish(backend=backend.name, label=backend.label, render_size=tuple(backend.render_size))
-            control.request(**initial_knobs(args))
+            control.publish(backend=backend.name, label=backend.label, render_size=tuple(backend.render_size),
+                            **({"control": args.control, "control_strength": args.control_strength}
+                               if backend.controlled else {}))
+            control.request(**initial_knobs(args, backend.controlled))
         except BaseException:
             session.close(1)
             raise

@@ -138,6 +138,8 @@ def apply_requests(backend: Backend, control: LoopControl) -> bool:
         backend.set_feedback(changes["feedback"])
     if "seed_blend" in changes:
         backend.set_seed_blend(changes["seed_blend"])
+    if "control" in changes or "control_strength" in changes:
+        backend.set_control(changes.get("control"), changes.get("control_strength"))
     prompts_changed = {"prompt", "prompt_b"} & changes.keys()
     note = state.note
     if prompts_changed:

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.recipe import check_fraction
+from mlx_sdxs.recipe import check_control, check_fraction
 
-MODEL_KNOBS = ("prompt", "prompt_b", "prompt_blend", "feedback", "seed_blend")
+MODEL_KNOBS = ("prompt", "prompt_b", "prompt_blend", "feedback", "seed_blend", "control", "control_strength")
 DISPLAY_KNOBS = ("blend", "ema")
 #: The EMA's ceiling: at 1 the shown image would never change again.
 EMA_MAX = 0.95
@@ -28,13 +28,16 @@ MAX_PROMPT_CHARS = 2000
 @dataclass(frozen=True)
 class LiveState:
     """What the session is doing now. Model knobs are the values the backend uses; `seed_blend` is None in a
-    session without a second random seed."""
+    session without a second random seed, `control` (how frames become the ControlNet's image) and
+    `control_strength` in one without a ControlNet."""
 
     prompt: str = ""
     prompt_b: str | None = None
     prompt_blend: float = 0.0
     feedback: float = 0.0
     seed_blend: float | None = None
+    control: str | None = None
+    control_strength: float | None = None
     blend: float = 0.0
     ema: float = 0.0
     backend: str = ""
@@ -66,6 +69,12 @@ def checked(state: LiveState, changes: dict[str, Any]) -> dict[str, Any]:
             out[knob] = text
         elif knob == "seed_blend" and state.seed_blend is None:
             raise ConfigError("a seed blend needs a second random seed (--seed-b)")
+        elif knob in ("control", "control_strength"):
+            if state.control is None:
+                raise ConfigError(f"{knob.replace('_', ' ')} needs a model with a ControlNet "
+                                  "(e.g. --model sdxs-512-dreamshaper-sketch)")
+            check_control(*((value, None) if knob == "control" else (None, value)))
+            out[knob] = value if knob == "control" else float(value)
         else:
             out[knob] = check_fraction(value, knob.replace("_", " "), EMA_MAX if knob == "ema" else 1.0)
     return out

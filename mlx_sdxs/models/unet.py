@@ -411,8 +411,10 @@ class TimestepEmbedding(UsesOps, nn.Module):
 # ---------------------------------------------------------------------------------------------- model
 
 
-class UNet2DConditionModel(UsesOps, nn.Module):
-    """ε-prediction UNet: `(sample NHWC, timestep, encoder_hidden_states) → noise NHWC`."""
+class ConditionedNetwork(UsesOps, nn.Module):
+    """What the UNet and a ControlNet share: diffusers' time embedding, `conv_in`, the down path, an optional
+    mid block, and their conditioning — computed apart from the frame (`time_conditioning` per timestep,
+    `text_conditioning` per prompt). Subclasses build the rest, then call `_index_conditioning`."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -429,31 +431,29 @@ class UNet2DConditionModel(UsesOps, nn.Module):
 
         n = len(config.down_levels)
         self.down_blocks = []
-        skip_channels = [c0]
         prev = c0
         for i, level in enumerate(config.down_levels):
             self.down_blocks.append(DownBlock(prev, level, config, add_downsample=i < n - 1))
-            skip_channels += [level.channels] * (level.num_layers + (i < n - 1))
             prev = level.channels
-
         if config.has_mid_block:
             self.mid_block = UNetMidBlock2DCrossAttn(config.down_levels[-1], config)
 
-        self.up_blocks = []
-        for i, level in enumerate(config.up_levels):
-            taken = [skip_channels.pop() for _ in range(level.num_layers)]
-            self.up_blocks.append(UpBlock(prev, taken, level, config, add_upsample=i < n - 1))
-            prev = level.channels
-
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps)
-        self.conv_out = Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
+    def _index_conditioning(self) -> None:
+        """Tell every resnet and cross-attention where its terms sit in a `Conditioning`."""
         for i, resnet in enumerate(self._resnets()):
             resnet.time_index = i
         for i, attention in enumerate(self._cross_attentions()):
             attention.text_index = i
 
+    def skip_channels(self) -> list[int]:
+        """Channels of every skip the down path keeps, in order (conv_in's first)."""
+        channels = [self.config.block_out_channels[0]]
+        for block, level in zip(self.down_blocks, self.config.down_levels):
+            channels += [level.channels] * (len(block.resnets) + ("downsamplers" in block))
+        return channels
+
     def _blocks(self) -> list[nn.Module]:
-        return [*self.down_blocks, *([self.mid_block] if "mid_block" in self else []), *self.up_blocks]
+        return [*self.down_blocks, *([self.mid_block] if "mid_block" in self else [])]
 
     def _resnets(self) -> list[ResnetBlock2D]:
         return [resnet for block in self._blocks() for resnet in block.resnets]
@@ -487,23 +487,58 @@ class UNet2DConditionModel(UsesOps, nn.Module):
         return Conditioning(self.time_conditioning(timestep, encoder_hidden_states.shape[0]),
                             self.text_conditioning(encoder_hidden_states))
 
-    def __call__(self, sample: mx.array, timestep: float | mx.array, encoder_hidden_states: mx.array) -> mx.array:
-        """`sample` (B, H, W, C); `timestep` a number, shape () or (B,); `encoder_hidden_states` (B, L, D)."""
-        return self.predict(sample, self.conditioning(timestep, encoder_hidden_states))
-
-    def predict(self, sample: mx.array, cond: Conditioning) -> mx.array:
-        """ε for `sample` (B, H, W, C) under `cond` (see `conditioning`): the per-frame part of the UNet."""
-        if self.config.center_input_sample:
-            sample = 2 * sample - 1.0
-
-        x = self.conv_in(sample)
+    def _down(self, x: mx.array, cond: Conditioning) -> tuple[mx.array, list[mx.array]]:
+        """The down path from conv_in's output: (its output, every skip in order)."""
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, cond)
             skips += block_skips
+        return x, skips
 
+
+class UNet2DConditionModel(ConditionedNetwork):
+    """ε-prediction UNet: `(sample NHWC, timestep, encoder_hidden_states) → noise NHWC`; with a ControlNet's
+    residuals added to its skips and to the bottom of its down path (as diffusers does, mid block or not)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        n = len(config.down_levels)
+        skip_channels = self.skip_channels()
+        prev = config.block_out_channels[-1]
+        self.up_blocks = []
+        for i, level in enumerate(config.up_levels):
+            taken = [skip_channels.pop() for _ in range(level.num_layers)]
+            self.up_blocks.append(UpBlock(prev, taken, level, config, add_upsample=i < n - 1))
+            prev = level.channels
+
+        c0 = config.block_out_channels[0]
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps)
+        self.conv_out = Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
+        self._index_conditioning()
+
+    def _blocks(self) -> list[nn.Module]:
+        return [*super()._blocks(), *self.up_blocks]
+
+    def __call__(self, sample: mx.array, timestep: float | mx.array, encoder_hidden_states: mx.array,
+                 residuals: tuple[list[mx.array], mx.array] | None = None) -> mx.array:
+        """`sample` (B, H, W, C); `timestep` a number, shape () or (B,); `encoder_hidden_states` (B, L, D);
+        `residuals` a ControlNet's (down, mid)."""
+        return self.predict(sample, self.conditioning(timestep, encoder_hidden_states), residuals)
+
+    def predict(self, sample: mx.array, cond: Conditioning,
+                residuals: tuple[list[mx.array], mx.array] | None = None) -> mx.array:
+        """ε for `sample` (B, H, W, C) under `cond` (see `conditioning`): the per-frame part of the UNet."""
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        x, skips = self._down(self.conv_in(sample), cond)
+        if residuals is not None:
+            down, mid = residuals
+            skips = [skip + residual for skip, residual in zip(skips, down, strict=True)]
         if "mid_block" in self:
             x = self.mid_block(x, cond)
+        if residuals is not None:
+            x = x + mid
 
         for block in self.up_blocks:
             taken = skips[-len(block.resnets) :]

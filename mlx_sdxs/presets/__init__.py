@@ -1,5 +1,8 @@
 """The configs the package ships: the target checkpoints' shapes (for random-weight models offline)
-and a tiny model of the same layout for fast runs. Configs are facts copied from the checkpoints."""
+and a tiny model of the same layout for fast runs. Configs are facts copied from the checkpoints.
+
+A preset is a folder of component configs; one that adds a component to another model (a ControlNet) holds
+`preset.json` naming its `base` and only what it adds."""
 
 from __future__ import annotations
 
@@ -11,22 +14,41 @@ from mlx_sdxs.errors import ConfigError
 
 FOLDER = Path(__file__).parent
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+OPTIONAL_COMPONENTS = ("controlnet",)
 #: `--model` names that build random weights offline, and the preset whose shape they take.
-RANDOM_MODELS = {"random": "sdxs-512-0.9", "random-tiny": "tiny"}
+RANDOM_MODELS = {"random": "sdxs-512-0.9", "random-tiny": "tiny", "random-tiny-sketch": "tiny-sketch"}
 RANDOM_LABEL = "RANDOM WEIGHTS - not a trained model"
 
 
 def names() -> list[str]:
-    return sorted(p.name for p in FOLDER.iterdir() if (p / "unet" / "config.json").is_file())
+    return sorted(p.name for p in FOLDER.iterdir() if (p / "unet" / "config.json").is_file()
+                  or (p / "preset.json").is_file())
+
+
+def _config_file(folder: Path, component: str) -> Path:
+    return folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+
+
+def base(preset: str) -> str | None:
+    """The preset that `preset` adds a component to (a ControlNet preset's model), or None for a whole model."""
+    file = FOLDER / preset / "preset.json"
+    return json.loads(file.read_text())["base"] if file.is_file() else None
 
 
 def configs(preset: str) -> dict[str, dict[str, Any]]:
-    """unet / vae / text_encoder / scheduler config dicts of a shipped preset (e.g. "sdxs-512-0.9")."""
+    """The component config dicts of a shipped preset (e.g. "sdxs-512-0.9"): unet, vae, text_encoder and
+    scheduler, and a controlnet where the preset has one."""
     folder = FOLDER / preset
-    if not (folder / "unet" / "config.json").is_file():
+    if base(preset) is not None:
+        found = configs(base(preset))
+    elif (folder / "unet" / "config.json").is_file():
+        found = {c: json.loads(_config_file(folder, c).read_text()) for c in COMPONENTS}
+    else:
         raise ConfigError(f"no preset {preset!r} (have: {', '.join(names())})")
-    files = {c: folder / c / ("scheduler_config.json" if c == "scheduler" else "config.json") for c in COMPONENTS}
-    return {c: json.loads(path.read_text()) for c, path in files.items()}
+    for component in OPTIONAL_COMPONENTS:
+        if _config_file(folder, component).is_file():
+            found[component] = json.loads(_config_file(folder, component).read_text())
+    return found
 
 
 #: model_index.json key that marks a checkpoint (and what is converted or exported from it) as random.

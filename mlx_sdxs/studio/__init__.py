@@ -15,15 +15,15 @@ from mlx_sdxs.errors import SDXSError
 
 def server_hook(args: argparse.Namespace, studio: bool, log: TextIO | None = None) -> Callable:
     """The `attach` hook that serves a camera session: the page can switch between the session's --source
-    (if any), the browser's webcam, camera 0 and the synthetic scene; it sees the AI, camera and display
-    views and can record. `studio`: the `studio` command (its --host/--port), else `--preview-port`."""
+    (if any), the browser's webcam, its drawing canvas, camera 0 and the synthetic scene; it sees the AI,
+    camera and display views and can record. `studio`: the `studio` command (its --host/--port), else `--preview-port`."""
     log = log if log is not None else sys.stderr
     try:
         from mlx_sdxs.studio.server import LOOPBACK, StudioServer
     except ImportError as exc:
         raise SDXSError(f"the studio needs its web server ({exc.name} is not installed): "
                         "pip install 'mlx-sdxs[studio]'") from None
-    from mlx_sdxs.camera.picker import BrowserSource, SwitchableSource
+    from mlx_sdxs.camera.picker import BROWSER_SOURCE, DRAW_SOURCE, BrowserSource, SwitchableSource
     from mlx_sdxs.camera.sources import SyntheticSource, open_source
 
     host = args.host if studio else "127.0.0.1"
@@ -35,12 +35,15 @@ def server_hook(args: argparse.Namespace, studio: bool, log: TextIO | None = Non
     def attach(session) -> StudioServer:
         source = session.source
         fps = getattr(source, "fps", 30.0) or 30.0
-        openers = {"browser": partial(BrowserSource, fps)}
+        # The page's webcam and its drawing canvas (a sketch for a ControlNet; an image to restyle for any model).
+        openers = {BROWSER_SOURCE: partial(BrowserSource, fps),
+                   DRAW_SOURCE: partial(BrowserSource, fps, "drawing canvas")}
         if source is not None:
             openers[source.name] = lambda: source
         openers.setdefault("synthetic", partial(SyntheticSource, *args.capture_size, fps))
         openers.setdefault("camera 0", partial(open_source, "0", size=args.capture_size, fps=args.fps, log=log))
-        session.source = SwitchableSource(openers, source.name if source is not None else "browser", fps)
+        first = source.name if source is not None else DRAW_SOURCE if args.source == DRAW_SOURCE else BROWSER_SOURCE
+        session.source = SwitchableSource(openers, first, fps)
         server = StudioServer(session.control, session.source, host=host, port=port, save_dir=args.save_dir, log=log,
                               title="mlx-sdxs studio" if studio else "mlx-sdxs camera")
         session.presenter.sinks.extend(server.sinks)

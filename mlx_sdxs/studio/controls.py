@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from mlx_sdxs.camera.picker import BrowserSource, SwitchableSource
+from mlx_sdxs.camera.picker import DRAW_SOURCE, PUSHED_SOURCES, BrowserSource, SwitchableSource
 from mlx_sdxs.camera.state import DISPLAY_KNOBS, MODEL_KNOBS, LoopControl
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import SDXSError
@@ -33,14 +33,15 @@ class Controls:
 
     def status(self) -> dict[str, Any]:
         state = self.control.state
-        browser = self.source.get("browser")
         return {**NO_FIGURES, **state.stats,
                 "backend": state.backend, "label": state.label, "render_size": list(state.render_size),
                 "prompt": state.prompt, "prompt_b": state.prompt_b, "prompt_blend": state.prompt_blend,
                 "feedback": state.feedback, "seed_blend": state.seed_blend, "blend": state.blend, "ema": state.ema,
+                "control": state.control, "control_strength": state.control_strength,
                 "gallery": list(state.gallery), "note": state.note,
                 "source": self.source.current, "sources": self.source.choices,
-                "frames_received": browser.received if isinstance(browser, BrowserSource) else 0,
+                "frames_received": sum(source.received for source in map(self.source.get, PUSHED_SOURCES)
+                                       if isinstance(source, BrowserSource)),
                 "dropped_messages": dict(self.dropped),
                 "recording": self.recordings.active, "recordings": list(self.recordings.finished)}
 
@@ -64,7 +65,10 @@ class Controls:
             self.control.request(**knobs)
             return None
         if kind == "source":
-            self.source.switch(str(message.get("source")))
+            choice = str(message.get("source"))
+            self.source.switch(choice)
+            if self.control.state.control is not None:  # a drawing is a sketch; a camera's frames need their edges
+                self.control.request(control="sketch" if choice == DRAW_SOURCE else "edges")
             return None
         if kind == "record":
             if message.get("action") == "start":
@@ -92,7 +96,7 @@ class Controls:
         if reason is not None:
             self.dropped[reason] += 1
             return False
-        browser = self.source.get("browser")
-        if isinstance(browser, BrowserSource):
-            browser.push(frame)
+        pushed = self.source.get(self.source.current)
+        if self.source.current in PUSHED_SOURCES and isinstance(pushed, BrowserSource):
+            pushed.push(frame)
         return True

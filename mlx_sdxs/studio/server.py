@@ -50,7 +50,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 STATUS_EVERY_S = 0.5
 TAG_AI, TAG_CAMERA = b"\x01", b"\x02"
 BOUNDARY = "mlxsdxsframe"
-ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "draw.js": "text/javascript", "app.css": "text/css"}
 
 
 class StudioServer:

@@ -3,7 +3,8 @@
     mlx-sdxs export coreml CHECKPOINT OUT [--render-size 512x512] [--precision float16|float32]
 
 Writes OUT/unet.mlpackage (inputs sample (1,4,h/8,w/8), timestep (1,), encoder_hidden_states
-(1,77,D); output noise_pred), OUT/vae_encoder.mlpackage (image (1,3,h,w) in [-1, 1] → latents,
+(1,77,D), and for a ControlNet model controlnet_cond (1,3,h,w) in [0, 1] and conditioning_scale (1,); output
+noise_pred), OUT/vae_encoder.mlpackage (image (1,3,h,w) in [-1, 1] → latents,
 VAE scaling_factor already applied, i.e. UNet-space), OUT/vae_decoder.mlpackage (UNet-space
 latents → image in [-1, 1]) and OUT/manifest.json. Inputs are float32; weights, arithmetic and
 outputs are at `--precision`.
@@ -50,11 +51,14 @@ def convert_graph(graph: Graph, precision: str, minimum_deployment_target: str):
 
 
 def export_coreml(checkpoint_dir: str | Path, out_dir: str | Path, render_size: int | tuple[int, int] = 512,
-                  precision: str = "float16", minimum_deployment_target: str = "macOS14") -> Path:
-    """Export the three graphs as `.mlpackage`s; `out_dir` is replaced only once all three succeeded."""
+                  precision: str = "float16", minimum_deployment_target: str = "macOS14",
+                  controlnet_dir: str | Path | None = None) -> Path:
+    """Export the three graphs as `.mlpackage`s (a ControlNet inside the UNet's, see `export_graphs`); `out_dir`
+    is replaced only once all three succeeded."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if minimum_deployment_target not in DEPLOYMENT_TARGETS:
         raise ValueError(f"minimum_deployment_target must be one of {', '.join(DEPLOYMENT_TARGETS)}")
     return export_graphs(checkpoint_dir, out_dir, render_size, "coreml", precision, ".mlpackage",
-                         lambda graph, path: convert_graph(graph, precision, minimum_deployment_target).save(str(path)))
+                         lambda graph, path: convert_graph(graph, precision, minimum_deployment_target).save(str(path)),
+                         controlnet_dir)

@@ -1,14 +1,17 @@
 // mlx-sdxs studio: the page's half of the loop. Frames go out as JPEG over one WebSocket, newest only;
 // results come back the same way (1-byte tag: 1 = AI image, 2 = server camera frame); controls and
-// status are JSON text messages. No build step, no dependencies.
+// status are JSON text messages. The webcam sends continuously; the drawing canvas (draw.js) after each change.
+// No build step, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SEND_EVERY_MS = 33;          // at most ~30 frames a second from the webcam
 const MAX_BUFFERED = 256 * 1024;   // a frame is skipped while the socket still holds this much unsent
 
+const SOURCE_NAMES = { browser: "my webcam (this browser)", draw: "draw (a canvas here)" };
+
 const state = { ws: null, stream: null, source: "", sending: false, urls: {}, sentFrames: 0, firstOutput: false,
-                noteUntil: 0 };
+                noteUntil: 0, sketchpad: null, drawingChanged: false };
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -72,13 +75,14 @@ function showStatus(s) {
   $("random-banner").hidden = !s.label;
   if (s.render_size && s.render_size.length) {
     $("render-size").textContent = `${s.render_size[0]}×${s.render_size[1]}`;
+    state.sketchpad.resize(s.render_size[0], s.render_size[1]);
     for (const frame of document.querySelectorAll(".frame")) frame.style.aspectRatio = `${s.render_size[0]} / ${s.render_size[1]}`;
   }
   if (document.activeElement !== $("prompt") && s.prompt != null) $("prompt").value = s.prompt;
   if (document.activeElement !== $("prompt-b")) $("prompt-b").value = s.prompt_b || "";
   // Sliders show the session's live values (keys and other viewers change them too), unless being dragged.
   for (const [id, value] of [["prompt-blend", s.prompt_blend], ["feedback", s.feedback], ["blend", s.blend],
-                             ["ema", s.ema], ["seed-blend", s.seed_blend]]) {
+                             ["ema", s.ema], ["seed-blend", s.seed_blend], ["control-strength", s.control_strength]]) {
     const input = $(id);
     if (value != null && document.activeElement !== input) {
       input.value = value;
@@ -87,10 +91,12 @@ function showStatus(s) {
   }
   showNote(s.note);
   $("seed-blend-row").hidden = s.seed_blend == null;
+  $("control-row").hidden = $("control-strength-row").hidden = s.control == null;
+  if (s.control != null && document.activeElement !== $("control-mode")) $("control-mode").value = s.control;
   const select = $("source");
   if (select.options.length !== s.sources.length) {
     select.innerHTML = "";
-    for (const name of s.sources) select.add(new Option(name === "browser" ? "my webcam (this browser)" : name, name));
+    for (const name of s.sources) select.add(new Option(SOURCE_NAMES[name] || name, name));
   }
   if (state.source !== s.source) { select.value = s.source; useSource(s.source); }
   if (!presetsShown && s.gallery) {
@@ -108,10 +114,15 @@ function showStatus(s) {
 
 async function useSource(name) {
   state.source = name;
-  const browser = name === "browser";
+  const browser = name === "browser", draw = name === "draw";
   $("webcam").hidden = !browser;
-  $("camera").hidden = browser;
-  if (browser) {
+  $("drawing").hidden = $("draw-tools").hidden = !draw;
+  $("camera").hidden = browser || draw;
+  $("input-hint").hidden = true;
+  if (draw) {
+    state.drawingChanged = true;  // the canvas as it is now is the first frame
+    startSending();
+  } else if (browser) {
     $("input-hint").textContent = "allow the camera to start";
     $("input-hint").hidden = false;
     try {
@@ -122,35 +133,72 @@ async function useSource(name) {
     } catch (error) {
       $("input-hint").textContent = `no webcam: ${error.message}`;
     }
-  } else {
-    $("input-hint").hidden = true;
   }
+}
+
+// The frame to send now, as a canvas: the webcam's picture, or the drawing once it changed; else null.
+function nextFrame(video, scratch) {
+  if (state.source === "draw") {
+    if (!state.drawingChanged) return null;
+    state.drawingChanged = false;
+    return $("drawing");
+  }
+  if (state.source !== "browser" || video.videoWidth === 0) return null;
+  scratch.width = video.videoWidth; scratch.height = video.videoHeight;
+  scratch.getContext("2d").drawImage(video, 0, 0);
+  return scratch;
 }
 
 function startSending() {
   if (state.sending) return;
   state.sending = true;
   const video = $("webcam");
-  const canvas = document.createElement("canvas");
-  const context = canvas.getContext("2d");
+  const scratch = document.createElement("canvas");
   let busy = false;
   setInterval(() => {
     const ws = state.ws;
-    if (state.source !== "browser" || busy || !ws || ws.readyState !== WebSocket.OPEN) return;
-    if (ws.bufferedAmount > MAX_BUFFERED || video.videoWidth === 0) return;  // newest wins: skip, never queue
-    canvas.width = video.videoWidth; canvas.height = video.videoHeight;
-    context.drawImage(video, 0, 0);
+    if (busy || !ws || ws.readyState !== WebSocket.OPEN || ws.bufferedAmount > MAX_BUFFERED) return;  // newest wins
+    const frame = nextFrame(video, scratch);
+    if (!frame) return;
     busy = true;
-    canvas.toBlob((blob) => {
+    frame.toBlob((blob) => {
       busy = false;
       if (blob && ws.readyState === WebSocket.OPEN) { ws.send(blob); state.sentFrames += 1; }
-    }, "image/jpeg", 0.8);
+    }, "image/jpeg", 0.85);
   }, SEND_EVERY_MS);
+}
+
+function setupDrawing() {
+  const pad = createSketchpad($("drawing"), () => { state.drawingChanged = true; });
+  pad.reset();
+  const tool = (name) => {
+    pad.setTool(name);
+    for (const id of ["pen", "eraser"]) {
+      $(id).classList.toggle("active", id === name);
+      $(id).setAttribute("aria-pressed", String(id === name));
+    }
+  };
+  $("pen").addEventListener("click", () => tool("pen"));
+  $("eraser").addEventListener("click", () => tool("eraser"));
+  slider("brush", null, (_, size) => pad.setSize(size));
+  $("undo").addEventListener("click", () => pad.undo());
+  $("clear").addEventListener("click", () => pad.clear());
+  $("upload").addEventListener("change", async () => {
+    const file = $("upload").files[0];
+    $("upload").value = "";
+    if (!file) return;
+    try { await pad.upload(file); } catch (error) { showNote(`not an image: ${file.name}`, 5000); }
+  });
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "z" && state.source === "draw") { e.preventDefault(); pad.undo(); }
+  });
+  state.sketchpad = pad;
 }
 
 function slider(id, key, apply) {
   const input = $(id);
-  const show = () => (input.nextElementSibling.textContent = Number(input.value).toFixed(2));
+  const digits = Number(input.step) >= 1 ? 0 : 2;
+  const show = () => (input.nextElementSibling.textContent = Number(input.value).toFixed(digits));
   input.addEventListener("input", () => { show(); apply(key, Number(input.value)); });
   show();
 }
@@ -179,9 +227,12 @@ function setup() {
   slider("blend", "blend", settings);
   slider("ema", "ema", settings);
   slider("seed-blend", "seed_blend", settings);
+  slider("control-strength", "control_strength", settings);
+  $("control-mode").addEventListener("change", () => settings("control", $("control-mode").value));
   $("source").addEventListener("change", () => send({ type: "source", source: $("source").value }));
   $("snapshot").addEventListener("click", snapshot);
   $("record").addEventListener("click", () => send({ type: "record", action: $("record").classList.contains("recording") ? "stop" : "start" }));
+  setupDrawing();
   connect();
 }
 

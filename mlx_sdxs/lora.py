@@ -1,0 +1,182 @@
+"""LoRA adapters, merged into the weights when a model loads: W ← W + scale·(alpha/r)·B·A.
+
+Two layouts are read, both without PyTorch:
+- PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`, as IDKiro/sdxs-512-dreamshaper-anime
+  ships): keys `base_model.model.<module>.lora_A.weight` / `lora_B.weight` for the UNet (or, with a
+  `text_model.` module, the text encoder); r, lora_alpha, rank_pattern / alpha_pattern and rsLoRA from the
+  config;
+- the kohya / A1111 `.safetensors` layout of style LoRAs for SD-1.5 checkpoints such as DreamShaper:
+  `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and `lora_te_…` for the
+  text encoder.
+
+A LoRA is applied in memory, never written into a converted folder: a converted model is always the
+base model. Keys that name no layer of the model, and factors whose shape does not fit the layer they
+name (a LoRA made for another base), are errors naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_sdxs.errors import ConfigError, WeightsError
+from mlx_sdxs.weights import adapt_layout
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+#: What a LoRA's module names say for each component, in the layouts above.
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """`--lora FILE_OR_REPO[:SCALE]`: a LoRA and the strength it is merged at (default 1)."""
+
+    source: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        source, _, scale = text.rpartition(":")
+        if source and not re.fullmatch(r"[A-Za-z]", source):  # not a Windows drive letter
+            try:
+                return cls(source, float(scale))
+            except ValueError:
+                pass
+        return cls(text)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One layer's low-rank update: `up` (out, r[, 1, 1]) · `down` (r, in[, kh, kw]) · `factor` (alpha/r)."""
+
+    down: np.ndarray
+    up: np.ndarray
+    factor: float
+
+    def delta(self) -> np.ndarray:
+        """B·A in the layer's PyTorch layout (out, in) or (out, in, kh, kw), float32."""
+        down, up = self.down.astype(np.float32), self.up.astype(np.float32)
+        rank = down.shape[0]
+        product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+        return self.factor * product.reshape(up.shape[0], *down.shape[1:])
+
+
+def read(path: Path) -> dict[tuple[str, str], Factors]:
+    """The LoRA at `path` (a PEFT adapter folder or a kohya .safetensors file): (component, module) → factors."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / PEFT_CONFIG).is_file() or not (path / PEFT_WEIGHTS).is_file():
+            raise WeightsError(f"{path}: a LoRA folder needs {PEFT_CONFIG} and {PEFT_WEIGHTS} (a PEFT adapter)")
+        return _read_peft(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise WeightsError(f"{path}: not a LoRA (a PEFT adapter folder or a .safetensors file)")
+    return _read_kohya(path)
+
+
+def _tensors(file: Path) -> dict[str, np.ndarray]:
+    try:
+        return {k: np.asarray(v.astype(mx.float32)) for k, v in mx.load(str(file)).items()}
+    except (RuntimeError, ValueError) as exc:
+        raise WeightsError(f"{file}: unreadable safetensors ({exc})") from None
+
+
+def _pattern_value(patterns: dict[str, int], module: str, default: float) -> float:
+    """PEFT's per-module override: a pattern matches a module name's end, after a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _read_peft(folder: Path) -> dict[tuple[str, str], Factors]:
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    if config.get("use_dora"):
+        raise ConfigError(f"{folder / PEFT_CONFIG}: DoRA adapters (use_dora) are not supported")
+    if config.get("fan_in_fan_out"):
+        raise ConfigError(f"{folder / PEFT_CONFIG}: fan_in_fan_out adapters are not supported")
+    tensors = _tensors(folder / PEFT_WEIGHTS)
+    factors = {}
+    for key in sorted(tensors):
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_A(?:\.[\w-]+)?\.weight", key)
+        if not match:
+            if not re.fullmatch(r"base_model\.model\..+\.lora_B(?:\.[\w-]+)?\.weight", key):
+                raise WeightsError(f"{folder / PEFT_WEIGHTS}: key {key!r} is not a LoRA factor of this layout")
+            continue
+        module = match.group(1)
+        up_key = key.replace(".lora_A", ".lora_B")
+        if up_key not in tensors:
+            raise WeightsError(f"{folder / PEFT_WEIGHTS}: {key!r} has no {up_key!r}")
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+        factor = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        # CLIP's layers are `text_model.encoder.…` (transformers 4) or `encoder.…` (5); the UNet has no `encoder`.
+        component = "text_encoder" if module.startswith(("text_model.", "encoder.")) else "unet"
+        factors[component, module.removeprefix("text_model.")] = Factors(tensors[key], tensors[up_key], factor)
+    return factors
+
+
+def _read_kohya(file: Path) -> dict[tuple[str, str], Factors]:
+    tensors = _tensors(file)
+    factors = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_down.weight"):
+            if not re.search(r"\.(lora_up\.weight|alpha)$", key):
+                raise WeightsError(f"{file}: key {key!r} is not a LoRA factor (kohya layout: .lora_down.weight, "
+                                   ".lora_up.weight, .alpha)")
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            raise WeightsError(f"{file}: {key!r} names neither the UNet (lora_unet_) nor the text encoder (lora_te_)")
+        if f"{name}.lora_up.weight" not in tensors:
+            raise WeightsError(f"{file}: {key!r} has no {name}.lora_up.weight")
+        down = tensors[key]
+        rank = down.shape[0]
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
+        factors[_KOHYA_PREFIXES[prefix], "~" + name.removeprefix(prefix)] = Factors(
+            down, tensors[f"{name}.lora_up.weight"], alpha / rank)
+    return factors
+
+
+def _layers(model: nn.Module, component: str) -> dict[str, nn.Module]:
+    """The model's layers a LoRA can name: by module path, and (prefixed ~) by the kohya spelling of it."""
+    layers = {}
+    for name, module in model.named_modules():
+        if "weight" in module and isinstance(module.weight, mx.array) and module.weight.ndim in (2, 4):
+            layers[name] = module
+            kohya = name.replace(".", "_")
+            layers["~" + kohya] = module
+            if component == "text_encoder":  # kohya spells CLIP's layers `text_model_encoder_…`
+                layers["~text_model_" + kohya] = module
+    return layers
+
+
+def merge(models: dict[str, nn.Module], lora: dict[tuple[str, str], Factors], scale: float, where: str) -> int:
+    """Add every update of `lora` (× `scale`) to the layer it names in `models` (component → model), in float32,
+    kept in each weight's dtype; returns how many layers changed. Nothing changes when a key or shape is wrong."""
+    layers = {component: _layers(model, component) for component, model in models.items()}
+    unknown = [module for (component, module) in lora if module not in layers.get(component, {})]
+    if unknown:
+        shown = ", ".join(m.lstrip("~") for m in unknown[:_SHOWN]) + (f" (+{len(unknown) - _SHOWN} more)"
+                                                                     if len(unknown) > _SHOWN else "")
+        raise WeightsError(f"{where}: {len(unknown)} LoRA layer(s) name nothing in this model: {shown}")
+    updates = []
+    for (component, module), factors in lora.items():
+        layer = layers[component][module]
+        delta = adapt_layout(mx.array(factors.delta()), tuple(layer.weight.shape))
+        if tuple(delta.shape) != tuple(layer.weight.shape):
+            raise WeightsError(f"{where}: LoRA layer {module.lstrip('~')} updates a {tuple(delta.shape)} weight but "
+                               f"this model's is {tuple(layer.weight.shape)}: the LoRA was made for another base model")
+        updates.append((layer, delta))
+    for layer, delta in updates:
+        layer.weight = (layer.weight.astype(mx.float32) + scale * delta).astype(layer.weight.dtype)
+        mx.eval(layer.weight)
+    return len(updates)
