@@ -28,7 +28,8 @@ start=$SECONDS
 parallel=()
 "$python" -c 'import xdist' 2>/dev/null && parallel=(-n 8)  # kernel compilation is CPU-bound: spread it
 log "the suite on the GPU (non-slow)"
-timeout 900 "$python" -m pytest -q -p no:cacheprovider -m "not slow" "${parallel[@]}" --timeout 300 -rfs \
+# -v: each test's outcome is in the log as it finishes, so a run cut short still names its failures.
+timeout 900 "$python" -m pytest -v -p no:cacheprovider -m "not slow" "${parallel[@]}" --timeout 300 -rfs \
   --junitxml "$out/suite.xml" tests > "$out/suite.log" 2>&1
 suite=$?
 tail -3 "$out/suite.log" | tee -a "$out/gpu.log"
