@@ -16,7 +16,6 @@ name (a LoRA made for another base), are errors naming them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -26,10 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sdxs.errors import ConfigError, WeightsError
+from mlx_sdxs.errors import ConfigError, WeightsError, read_json
 from mlx_sdxs.weights import adapt_layout
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+#: PEFT config fields that change what the update means (not W + scale·B·A on one layer): refused, never mis-merged.
+_PEFT_VARIANTS = ("use_dora", "fan_in_fan_out", "use_qalora", "alora_invocation_tokens", "use_bdlora",
+                  "kasa_config", "velora_config", "arrow_config", "lora_bias")
 #: What a LoRA's module names say for each component, in the layouts above.
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _SHOWN = 5
@@ -42,14 +44,19 @@ class LoraSpec:
     source: str
     scale: float = 1.0
 
+    def __post_init__(self):
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"LoRA {self.source}: scale {self.scale} is not a finite number")
+
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
         source, _, scale = text.rpartition(":")
         if source and not re.fullmatch(r"[A-Za-z]", source):  # not a Windows drive letter
             try:
-                return cls(source, float(scale))
+                value = float(scale)
             except ValueError:
-                pass
+                return cls(text)
+            return cls(source, value)
         return cls(text)
 
 
@@ -60,6 +67,12 @@ class Factors:
     down: np.ndarray
     up: np.ndarray
     factor: float
+
+    def check(self, where: str, key: str) -> None:
+        """Factors whose ranks disagree cannot be one update: an error naming the layer."""
+        if self.up.ndim < 2 or self.down.ndim < 2 or self.up.shape[1] != self.down.shape[0]:
+            raise WeightsError(f"{where}: {key!r}: up {self.up.shape} and down {self.down.shape} are not one "
+                               "low-rank pair (their ranks differ)")
 
     def delta(self) -> np.ndarray:
         """B·A in the layer's PyTorch layout (out, in) or (out, in, kh, kw), float32."""
@@ -96,30 +109,60 @@ def _pattern_value(patterns: dict[str, int], module: str, default: float) -> flo
     return default
 
 
+def _peft_config(file: Path) -> dict:
+    """The adapter's config, refused unless it describes plain LoRA updates (see _PEFT_VARIANTS)."""
+    config = read_json(file, "a PEFT adapter's config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: not a PEFT adapter config (a JSON object)")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{file}: peft_type {config['peft_type']!r} is not LORA")
+    variants = [name for name in _PEFT_VARIANTS if config.get(name)]
+    if variants:
+        raise ConfigError(f"{file}: {', '.join(variants)} adapters are not supported (plain LoRA only)")
+    return config
+
+
+def _positive(value, what: str, file: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{file}: {what} is {value!r}, not a positive number")
+    return float(value)
+
+
 def _read_peft(folder: Path) -> dict[tuple[str, str], Factors]:
-    config = json.loads((folder / PEFT_CONFIG).read_text())
-    if config.get("use_dora"):
-        raise ConfigError(f"{folder / PEFT_CONFIG}: DoRA adapters (use_dora) are not supported")
-    if config.get("fan_in_fan_out"):
-        raise ConfigError(f"{folder / PEFT_CONFIG}: fan_in_fan_out adapters are not supported")
-    tensors = _tensors(folder / PEFT_WEIGHTS)
+    config_file, weights_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    config = _peft_config(config_file)
+    tensors = _tensors(weights_file)
     factors = {}
     for key in sorted(tensors):
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_A(?:\.[\w-]+)?\.weight", key)
         if not match:
             if not re.fullmatch(r"base_model\.model\..+\.lora_B(?:\.[\w-]+)?\.weight", key):
-                raise WeightsError(f"{folder / PEFT_WEIGHTS}: key {key!r} is not a LoRA factor of this layout")
+                raise WeightsError(f"{weights_file}: key {key!r} is not a LoRA factor of this layout")
+            if key.replace(".lora_B", ".lora_A") not in tensors:
+                raise WeightsError(f"{weights_file}: {key!r} has no {key.replace('.lora_B', '.lora_A')!r}")
             continue
         module = match.group(1)
         up_key = key.replace(".lora_A", ".lora_B")
         if up_key not in tensors:
-            raise WeightsError(f"{folder / PEFT_WEIGHTS}: {key!r} has no {up_key!r}")
-        rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+            raise WeightsError(f"{weights_file}: {key!r} has no {up_key!r}")
+        rank = _positive(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)), "r", config_file)
+        alpha = _positive(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)),
+                          "lora_alpha", config_file)
+        if tensors[key].shape[0] != rank:
+            raise WeightsError(f"{weights_file}: {key!r} has rank {tensors[key].shape[0]}, but the config says "
+                               f"r = {rank:g} for {module}")
         factor = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         # CLIP's layers are `text_model.encoder.…` (transformers 4) or `encoder.…` (5); the UNet has no `encoder`.
         component = "text_encoder" if module.startswith(("text_model.", "encoder.")) else "unet"
-        factors[component, module.removeprefix("text_model.")] = Factors(tensors[key], tensors[up_key], factor)
+        pair = Factors(tensors[key], tensors[up_key], factor)
+        pair.check(str(weights_file), key)
+        factors[component, module.removeprefix("text_model.")] = pair
+    return _nonempty(factors, weights_file)
+
+
+def _nonempty(factors: dict, file: Path) -> dict:
+    if not factors:
+        raise WeightsError(f"{file}: holds no LoRA layer (no down/A factor)")
     return factors
 
 
@@ -128,9 +171,12 @@ def _read_kohya(file: Path) -> dict[tuple[str, str], Factors]:
     factors = {}
     for key in sorted(tensors):
         if not key.endswith(".lora_down.weight"):
-            if not re.search(r"\.(lora_up\.weight|alpha)$", key):
+            suffix = re.search(r"\.(lora_up\.weight|alpha)$", key)
+            if suffix is None:
                 raise WeightsError(f"{file}: key {key!r} is not a LoRA factor (kohya layout: .lora_down.weight, "
                                    ".lora_up.weight, .alpha)")
+            if key[: suffix.start()] + ".lora_down.weight" not in tensors:
+                raise WeightsError(f"{file}: {key!r} has no {key[: suffix.start()]}.lora_down.weight")
             continue
         name = key.removesuffix(".lora_down.weight")
         prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
@@ -140,10 +186,13 @@ def _read_kohya(file: Path) -> dict[tuple[str, str], Factors]:
             raise WeightsError(f"{file}: {key!r} has no {name}.lora_up.weight")
         down = tensors[key]
         rank = down.shape[0]
-        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
-        factors[_KOHYA_PREFIXES[prefix], "~" + name.removeprefix(prefix)] = Factors(
-            down, tensors[f"{name}.lora_up.weight"], alpha / rank)
-    return factors
+        alpha = tensors.get(f"{name}.alpha", np.float32(rank))
+        if np.size(alpha) != 1:
+            raise WeightsError(f"{file}: {name}.alpha has shape {np.shape(alpha)}, not one number")
+        pair = Factors(down, tensors[f"{name}.lora_up.weight"], float(np.reshape(alpha, ())) / rank)
+        pair.check(str(file), key)
+        factors[_KOHYA_PREFIXES[prefix], "~" + name.removeprefix(prefix)] = pair
+    return _nonempty(factors, file)
 
 
 def _layers(model: nn.Module, component: str) -> dict[str, nn.Module]:

@@ -32,7 +32,8 @@ SDXS_MUD_WARNING = (
 _PROMPT_CACHE_SIZE = 32
 
 
-def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> None:
+def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                     controlnet: nn.Module | None = None) -> None:
     """Refuse parts that cannot work together, naming both, instead of producing a silently wrong image."""
     latent, unet_in = vae.config.latent_channels, unet.config.in_channels
     if latent != unet_in:
@@ -47,6 +48,24 @@ def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -
     if shift not in (None, 0, 0.0):
         raise ConfigError(f"the vae has shift_factor={shift} (an SD3/FLUX latent space) but the unet is an SD-1/2 "
                           "UNet, whose latents are only scaled: this VAE does not belong to this UNet")
+    if controlnet is not None:
+        _check_controlnet(unet, text_encoder, controlnet)
+
+
+def _check_controlnet(unet: nn.Module, text_encoder: nn.Module, controlnet: nn.Module) -> None:
+    """A ControlNet reads the UNet's latent and text and adds a residual to each of its skips: all must fit."""
+    residuals, skips = controlnet.skip_channels(), unet.skip_channels()
+    if residuals != skips:
+        raise ConfigError(f"the controlnet's residuals have {residuals} channels but the unet's skips {skips} "
+                          "(block_out_channels, layers_per_block): this ControlNet was made for another UNet")
+    if controlnet.config.in_channels != unet.config.in_channels:
+        raise ConfigError(f"the controlnet takes {controlnet.config.in_channels}-channel latents but the unet "
+                          f"{unet.config.in_channels} (in_channels): this ControlNet was made for another UNet")
+    cross_dims = {level.cross_attention_dim for level in controlnet.config.down_levels}
+    if cross_dims != {text_encoder.config.hidden_size}:
+        raise ConfigError(f"the text_encoder makes {text_encoder.config.hidden_size}-wide embeddings but the "
+                          f"controlnet attends to {sorted(cross_dims)} (cross_attention_dim): this ControlNet was "
+                          "made for another text encoder")
 
 
 class SDXSPipeline:
@@ -56,10 +75,7 @@ class SDXSPipeline:
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: CLIPTokenizer,
                  scheduler: OneStepScheduler, dtype: mx.Dtype = mx.float32, name: str = "", label: str | None = None,
                  controlnet: nn.Module | None = None):
-        check_components(unet, vae, text_encoder)
-        if controlnet is not None and controlnet.config.block_out_channels != unet.config.block_out_channels:
-            raise ConfigError(f"the controlnet's block_out_channels {list(controlnet.config.block_out_channels)} are "
-                              f"not the unet's {list(unet.config.block_out_channels)}: it was made for another UNet")
+        check_components(unet, vae, text_encoder, controlnet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.controlnet = controlnet
         self.scheduler, self.dtype, self.name = scheduler, dtype, name

@@ -123,10 +123,38 @@ def test_parameter_names_mirror_diffusers():
 @pytest.mark.parametrize("field, value", [("mid_block_type", None), ("global_pool_conditions", True),
                                           ("controlnet_conditioning_channel_order", "gbr"),
                                           ("conditioning_embedding_out_channels", [8, 0]),
+                                          ("conditioning_embedding_out_channels", 8),
+                                          ("conditioning_channels", 1),
                                           ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"])])
 def test_unsupported_config_raises_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ControlNetConfig.from_dict({**SMALL, field: value})
+
+
+@pytest.mark.policy_independent  # a dtype rule, not a kernel's result
+def test_float16_residuals_stay_float16_under_a_float32_strength_array():
+    """The compiled frame passes the strength as a float32 array (so a knob never recompiles): it must not lift
+    the float16 residuals, and with them the UNet's whole up path, to float32."""
+    pipeline = mlx_sdxs.SDXSPipeline.random("random-tiny-sketch", dtype=mx.float16)
+    sample = mx.zeros((1, 8, 8, 4), mx.float16)
+    down, mid = pipeline.controlnet(sample, 999, mx.zeros((1, 77, 64), mx.float16), mx.zeros((1, 64, 64, 3)),
+                                    mx.array(0.8, dtype=mx.float32))
+    assert {d.dtype for d in down} | {mid.dtype} == {mx.float16}
+
+
+def test_a_controlnet_for_another_unet_is_refused_naming_the_mismatch():
+    from mlx_sdxs import presets
+    from mlx_sdxs.weights import build_model
+
+    pipeline = mlx_sdxs.SDXSPipeline.random("random-tiny-sketch")
+    parts = (pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler)
+    config = presets.configs("tiny-sketch")["controlnet"]
+    for change, match in (({"layers_per_block": 2}, r"residuals have .* channels but the unet's skips"),
+                          ({"in_channels": 8}, r"takes 8-channel latents"),
+                          ({"cross_attention_dim": 32}, r"controlnet attends to \[32\]")):
+        other = build_model({**config, **change}, "controlnet")
+        with pytest.raises(ConfigError, match=match):
+            mlx_sdxs.SDXSPipeline(*parts, controlnet=other)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,7 +26,7 @@ from transformers import CLIPTextModel
 
 from checkpoints import build_converted
 from mlx_sdxs import lora
-from mlx_sdxs.errors import WeightsError
+from mlx_sdxs.errors import ConfigError, WeightsError
 from mlx_sdxs.lora import LoraSpec
 from mlx_sdxs.pipeline import SDXSPipeline
 from oracle import assert_parity, expected_ops, mlx_to_nchw, ops_name
@@ -231,6 +232,12 @@ def test_a_lora_for_another_base_is_a_shape_error(base, tmp_path):
     ({"lora_vae_x.lora_down.weight": torch.zeros(2, 4), "lora_vae_x.lora_up.weight": torch.zeros(4, 2)},
      "names neither the UNet"),
     ({"model.diffusion_model.weight": torch.zeros(2)}, "not a LoRA factor"),
+    ({"lora_unet_x.lora_up.weight": torch.zeros(4, 2)}, "has no lora_unet_x.lora_down.weight"),
+    ({"lora_unet_x.alpha": torch.tensor(1.0)}, "has no lora_unet_x.lora_down.weight"),
+    ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 3)},
+     "ranks differ"),
+    ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+      "lora_unet_x.alpha": torch.ones(2)}, "not one number"),
 ])
 def test_malformed_kohya_files_are_refused(tmp_path, tensors, match):
     with pytest.raises(WeightsError, match=match):
@@ -247,6 +254,37 @@ def test_what_is_not_a_lora_is_refused(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(WeightsError, match="unreadable safetensors"):
         lora.read(tmp_path / "broken.safetensors")
+
+
+def _peft_folder(folder: Path, config, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    folder.mkdir()
+    (folder / lora.PEFT_CONFIG).write_text(config if isinstance(config, str) else json.dumps(config))
+    module = "base_model.model.down_blocks.0.resnets.0.conv1"
+    save_file(tensors if tensors is not None else {f"{module}.lora_A.weight": torch.zeros(RANK, 32, 3, 3),
+                                                   f"{module}.lora_B.weight": torch.zeros(32, RANK, 1, 1)},
+              folder / lora.PEFT_WEIGHTS)
+    return folder
+
+
+@pytest.mark.parametrize("config, tensors, error, match", [
+    ("{not json", None, ConfigError, "not valid JSON"),
+    ("[]", None, ConfigError, "not a PEFT adapter config"),
+    ({"peft_type": "LOHA", "r": RANK}, None, ConfigError, "peft_type 'LOHA' is not LORA"),
+    ({"r": RANK, "use_dora": True}, None, ConfigError, "use_dora adapters are not supported"),
+    ({"r": 0, "lora_alpha": 8}, None, ConfigError, "r is 0"),
+    ({"r": RANK, "lora_alpha": "x"}, None, ConfigError, "lora_alpha is 'x'"),
+    ({"r": 2, "lora_alpha": 8}, None, WeightsError, "has rank 4, but the config says r = 2"),
+    ({"r": RANK}, {"base_model.model.x.lora_B.weight": torch.zeros(4, RANK)}, WeightsError, "has no"),
+    ({"r": RANK}, {}, WeightsError, "holds no LoRA layer"),
+])
+def test_malformed_peft_adapters_are_refused(tmp_path, config, tensors, error, match):
+    with pytest.raises(error, match=match):
+        lora.read(_peft_folder(tmp_path / "adapter", config, tensors))
+
+
+def test_a_scale_that_is_not_finite_is_refused():
+    with pytest.raises(ConfigError, match="not a finite number"):
+        LoraSpec.parse("style.safetensors:nan")
 
 
 @pytest.mark.parametrize("text, spec", [

@@ -49,11 +49,13 @@ class ControlNetConfig:
         unet = UNetConfig.from_dict({**d, "up_block_types": [_UP_FOR_DOWN[t] for t in reversed(down)],
                                      "mid_block_type": "UNetMidBlock2DCrossAttn"})
         channels = d.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
-        if not channels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in channels):
+        if not isinstance(channels, (list, tuple)) or any(not isinstance(c, int) or isinstance(c, bool) or c < 1
+                                                           for c in channels):
             raise ConfigError(f"controlnet config: conditioning_embedding_out_channels={channels!r} is invalid")
         conditioning = d.get("conditioning_channels", 3)
-        if not isinstance(conditioning, int) or isinstance(conditioning, bool) or conditioning < 1:
-            raise ConfigError(f"controlnet config: conditioning_channels={conditioning!r} is invalid")
+        if conditioning != 3 or isinstance(conditioning, bool):
+            raise ConfigError(f"controlnet config: conditioning_channels={conditioning!r} is not supported (control "
+                              "images here are RGB: 3)")
         return cls(replace(unet, conv_in_kernel=3), conditioning, tuple(channels), order)
 
     @property
@@ -101,6 +103,7 @@ class ControlNetModel(ConditionedNetwork):
     def residuals(self, sample: mx.array, cond: Conditioning, control_image: mx.array,
                   scale: float | mx.array = 1.0) -> tuple[list[mx.array], mx.array]:
         """The per-frame part: the UNet's down residuals and mid residual, each × `scale` (the control strength)."""
+        scale = mx.array(scale).astype(sample.dtype)  # a float32 array would lift float16 residuals to float32
         if self.controlnet_config.channel_order == "bgr":
             control_image = control_image[..., ::-1]
         control = self.controlnet_cond_embedding(control_image.astype(sample.dtype))
