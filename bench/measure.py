@@ -50,7 +50,7 @@ def prepare_variants(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
     from mlx_sdxs import presets
 
     if args.checkpoint is not None:
-        suffix = CONTROLNET_SUFFIX if (args.checkpoint / "controlnet").is_dir() else ""
+        suffix = CONTROLNET_SUFFIX if presets.controlnet_folder(args.checkpoint) is not None else ""
         return {suffix: prepare_checkpoint(args)}
     base = presets.base(args.preset)
     if base is None:
@@ -152,14 +152,14 @@ def unet_flops(source: Path, size: int) -> float | None:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from mlx_sdxs.backends.torch_backend import (ControlledUNetEpsilon, UNetEpsilon, checkpoint_controlnet,
-                                                     load_controlnet, load_unet)
+        from mlx_sdxs import presets
+        from mlx_sdxs.backends.torch_backend import ControlledUNetEpsilon, UNetEpsilon, load_controlnet, load_unet
     except ImportError:
         return None
     unet = load_unet(source)
     inputs = (torch.zeros(1, unet.config.in_channels, size // 8, size // 8), torch.tensor([999]),
               torch.zeros(1, 77, unet.config.cross_attention_dim))
-    controlnet = checkpoint_controlnet(source)
+    controlnet = presets.controlnet_folder(source)
     if controlnet is None:
         network = UNetEpsilon(unet)
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from mlx_sdxs import presets
 from mlx_sdxs import weights as W
 from mlx_sdxs.errors import SDXSError, WeightsError
 from mlx_sdxs.runtime import DTYPES
@@ -106,9 +107,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
     sources = {component: src / component for component in (*MODEL_COMPONENTS, *COPIED_COMPONENTS)}
     if vae is not None:
         sources["vae"] = Path(vae)
-    if controlnet is not None or (src / "controlnet").is_dir():
-        sources["controlnet"] = Path(controlnet) if controlnet is not None else src / "controlnet"
-    converted = [c for c in (*MODEL_COMPONENTS, "controlnet") if c in sources]
+    controlnet = Path(controlnet) if controlnet is not None else presets.controlnet_folder(src)
+    if controlnet is not None:
+        sources[presets.CONTROLNET] = controlnet
+    converted = [c for c in (*MODEL_COMPONENTS, *presets.OPTIONAL_COMPONENTS) if c in sources]
     if not (src / "model_index.json").is_file():
         raise WeightsError(f"{src}: not a diffusers checkpoint (no model_index.json)")
     missing = [str(folder) for folder in sources.values() if not folder.is_dir()]
@@ -122,7 +124,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
             shutil.copytree(sources[component], tmp / component)
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
         manifest = {"format": W.FORMAT_NAME, "format_version": W.FORMAT_VERSION, "dtype": dtype, "source": str(src),
-                    "vae": str(sources["vae"]), "controlnet": str(sources.get("controlnet", "")) or None}
+                    "vae": str(sources["vae"]), "controlnet": str(controlnet) if controlnet is not None else None}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return dst
 

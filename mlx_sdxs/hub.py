@@ -46,12 +46,16 @@ KNOWN_MODELS = (*FAMILY, "stabilityai/sd-turbo")
 LARGE_VAE = "large"
 
 
+def family_name(model: str | None) -> str | None:
+    """The `FAMILY` name `model` gives (the short name, or its IDKiro/ repo id, such as the Sketch ControlNet's)."""
+    name = None if model is None else model.removeprefix("IDKiro/")
+    return name if name in FAMILY else None
+
+
 def family_model(model: str | None) -> FamilyModel | None:
-    """The family model `model` names (short name, or the repo id of an addition such as the Sketch ControlNet)."""
-    if model is None:
-        return None
-    name = model.removeprefix("IDKiro/")
-    return FAMILY.get(name) if model in FAMILY or model.startswith("IDKiro/") else None
+    """The family model `model` names (see `family_name`), or None."""
+    name = family_name(model)
+    return None if name is None else FAMILY[name]
 
 # Only what mlx-sdxs reads: configs, tokenizer files and full-precision safetensors (no .bin, no
 # fp16 variants, no safety checker / feature extractor).

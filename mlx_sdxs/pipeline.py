@@ -118,6 +118,7 @@ class SDXSPipeline:
         spec) merged into the loaded weights — never into the folder."""
         folder = Path(folder)
         dtype = dtype or runtime.default_dtype()
+        controlnet = presets.controlnet_folder(folder)
         pipeline = cls(
             load_unet(folder / "unet", dtype, kernels),
             load_vae(folder / "vae", dtype, kernels),
@@ -127,7 +128,7 @@ class SDXSPipeline:
             dtype,
             name=name or folder.name,
             label=presets.RANDOM_LABEL if presets.is_random_checkpoint(folder) else None,
-            controlnet=load_controlnet(folder / "controlnet", dtype, kernels) if (folder / "controlnet").is_dir() else None,
+            controlnet=load_controlnet(controlnet, dtype, kernels) if controlnet is not None else None,
         )
         pipeline.merge_loras(loras)
         return pipeline
@@ -205,12 +206,15 @@ class SDXSPipeline:
                               "--model sdxs-512-dreamshaper-sketch")
         return self.controlnet
 
-    def control_input(self, image: np.ndarray, size: tuple[int, int]) -> mx.array:
-        """An RGB uint8 control image (as the ControlNet takes it: see `frames.control_image`) fitted to `size`,
-        as the ControlNet's input: NHWC in [0, 1]."""
+    def _control(self, image: np.ndarray | None, strength: float,
+                 size: tuple[int, int]) -> tuple[mx.array, float] | None:
+        """`predict_noise`'s `control` for an RGB uint8 control image (as the ControlNet takes it: see
+        `frames.control_image`): the image fitted to `size`, NHWC in [0, 1], and its strength; None without one."""
+        if image is None:
+            return None
         self._controlnet()
         frames.check_frame(image, "control image")
-        return mx.array(frames.fit(image, size)[None].astype(np.float32) / 255.0)
+        return mx.array(frames.fit(image, size)[None].astype(np.float32) / 255.0), strength
 
     def noise(self, seed: int, size: int | tuple[int, int]) -> mx.array:
         return mx.array(seed_noise(seed, frames.as_size(size), self.latent_channels))
@@ -227,7 +231,7 @@ class SDXSPipeline:
         `control_image` (RGB uint8 as the ControlNet takes it, e.g. white strokes on black for the Sketch
         model: see `frames.control_image`) at `control_strength`."""
         size = self.check_size(size)
-        control = None if control_image is None else (self.control_input(control_image, size), control_strength)
+        control = self._control(control_image, control_strength, size)
         latent = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
         timestep = self.scheduler.one_step_timestep()
         eps = self.predict_noise(latent, timestep, self.encode_prompt(prompt), control)
@@ -248,7 +252,7 @@ class SDXSPipeline:
         frames.check_frame(image, "RGB image")
         if strength is not None and strength < 1.0 and self.is_sdxs:
             warnings.warn(SDXS_MUD_WARNING, stacklevel=2)
-        control = None if control_image is None else (self.control_input(control_image, size), control_strength)
+        control = self._control(control_image, control_strength, size)
         timestep = self.scheduler.one_step_timestep(strength)
         latent = self.encode(mx.array(frames.to_model_input(image, size, bgr=False)))
         noise = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)

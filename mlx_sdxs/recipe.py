@@ -200,6 +200,8 @@ class HostFrames:
     the tests' toys): uploads are no-ops, the [-1, 1] conversion is numpy's (`frames`), `from_nhwc` and
     `to_nhwc` give the models' layout, and every call is synchronous."""
 
+    controlled = False
+
     def upload(self, frame: np.ndarray) -> np.ndarray:
         return frame
 
@@ -211,8 +213,6 @@ class HostFrames:
 
     def download(self, frame: np.ndarray) -> np.ndarray:
         return frame
-
-    controlled = False
 
     def condition(self, embeds: Any) -> Any:
         return embeds

@@ -54,11 +54,10 @@ def random_preset(model: str | None) -> str | None:
     family model's (its base's when the family model only adds a LoRA); None for any other model."""
     if model is None:
         return "sdxs-512-0.9"
-    family = hub.family_model(model)
-    if family is None:
+    name = hub.family_name(model)
+    if name is None:
         return None
-    name = next(name for name, member in hub.FAMILY.items() if member == family)
-    return name if name in presets.names() else family.base.removeprefix("IDKiro/")  # (a LoRA has no random stand-in)
+    return name if name in presets.names() else hub.family_name(hub.FAMILY[name].base)  # (a LoRA has no stand-in)
 
 
 def load_pipeline(choice: BackendChoice, fallback_to_random: bool = False, log: TextIO | None = None):
@@ -132,7 +131,7 @@ def export_folder(choice: BackendChoice, checkpoint: Path, settings: RecipeSetti
 
     root = choice.weights_dir or hub.default_weights_root()
     name = hub.model_slug(checkpoint)
-    if controlnet is not None and controlnet != checkpoint / "controlnet":
+    if controlnet is not None and controlnet != presets.controlnet_folder(checkpoint):
         name += f"+{hub.model_slug(controlnet)}"
     folder = root / f"{name}-{choice.backend}-{settings.describe_size()}"
     if not (folder / MANIFEST_FILE).is_file():
@@ -170,11 +169,9 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
         check_export_size(settings.render_size)  # before torch loads for an export that would refuse it
     _require_torch(choice.backend)
     checkpoint = diffusers_checkpoint(choice, log)
-    controlnet = None
+    controlnet = presets.controlnet_folder(checkpoint)
     if family is not None and family.controlnet is not None and not presets.is_random_checkpoint(checkpoint):
         controlnet = hub.download(family.controlnet, choice.offline or None)
-    elif (checkpoint / "controlnet").is_dir():
-        controlnet = checkpoint / "controlnet"
     if choice.backend == "torch":
         from mlx_sdxs.backends.torch_backend import TorchEngine, torch_dtype
 

@@ -15,8 +15,6 @@ from mlx_sdxs import presets
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, save_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder")
-#: Written when the preset has one (a ControlNet beside the model, in its `controlnet/` folder).
-OPTIONAL = ("controlnet",)
 
 
 def build_torch_models(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def write_checkpoint(dst: str | Path, models: dict[str, Any], scheduler_config: 
     """Save modules + tokenizer + scheduler as a diffusers checkpoint folder (model_index.json included);
     `random` marks it as random weights, so every output made from it is labelled."""
     dst = Path(dst)
-    for component in (*COMPONENTS, *(c for c in OPTIONAL if c in models)):
+    for component in (*COMPONENTS, *(c for c in presets.OPTIONAL_COMPONENTS if c in models)):
         models[component].save_pretrained(dst / component, safe_serialization=True)
     save_tokenizer(tokenizer or byte_level_tokenizer(), dst / "tokenizer")
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mlx_sdxs import presets
 from mlx_sdxs.errors import BackendUnavailable, WeightsError, read_json
 from mlx_sdxs.recipe import Recipe, RecipeSettings
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
@@ -90,12 +91,6 @@ def load_unet(checkpoint_dir: str | Path) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(_require(Path(checkpoint_dir) / "unet", "the UNet")).eval()
 
 
-def checkpoint_controlnet(checkpoint_dir: str | Path) -> Path | None:
-    """The checkpoint's own `controlnet/` folder, if it has one (a random sketch checkpoint does)."""
-    folder = Path(checkpoint_dir) / "controlnet"
-    return folder if folder.is_dir() else None
-
-
 def load_controlnet(folder: str | Path) -> torch.nn.Module:
     from diffusers import ControlNetModel
 
@@ -164,7 +159,7 @@ class TorchEngine:
             raise BackendUnavailable(f"a CUDA graph needs the cuda device, not {device!r}")
         self.name = f"torch-{device}" + ("-graph" if cuda_graph else "")
         self.device, self.dtype, self.cuda_graph = device, dtype, cuda_graph
-        controlnet_dir = controlnet_dir or checkpoint_controlnet(checkpoint_dir)
+        controlnet_dir = controlnet_dir or presets.controlnet_folder(checkpoint_dir)
         self.controlled = controlnet_dir is not None
         unet = load_unet(checkpoint_dir)
         self.unet = (ControlledUNetEpsilon(unet, load_controlnet(controlnet_dir)) if self.controlled
@@ -257,7 +252,7 @@ class CudaGraphStep:
 
     def _capture(self, timestep: int, tensors: list[torch.Tensor]) -> None:
         self.inputs = [t.clone() for t in tensors]
-        args = (*self.inputs[:5], tuple(self.inputs[5:]) if len(self.inputs) > 5 else None)
+        args = (*self.inputs[:5], tuple(self.inputs[5:]) or None)  # the step's arguments: `control` a pair or None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():

@@ -21,6 +21,11 @@ BROWSER_SOURCE, DRAW_SOURCE = "browser", "draw"
 PUSHED_SOURCES = (BROWSER_SOURCE, DRAW_SOURCE)
 
 
+def control_mode_for(source: str | None) -> str:
+    """How a source's frames become a ControlNet's image: a drawing is a sketch; a camera's frames give edges."""
+    return "sketch" if source == DRAW_SOURCE else "edges"
+
+
 class BrowserSource:
     """Frames pushed in (`push`): the newest one wins, an unread one is replaced, never queued. `read` waits
     for a frame newer than the last it returned."""

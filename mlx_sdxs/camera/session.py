@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, TextIO
 from mlx_sdxs import runtime
 from mlx_sdxs.backends.base import Backend
 from mlx_sdxs.camera.loop import run_loop
-from mlx_sdxs.camera.picker import DRAW_SOURCE
+from mlx_sdxs.camera.picker import DRAW_SOURCE, control_mode_for
 from mlx_sdxs.camera.outputs import FramesWriter, OpenCVWindow, OutputError, StatusLine, VideoRecorder, display_available
 from mlx_sdxs.camera.presenter import Presenter
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
@@ -47,11 +47,10 @@ def prompt_list(args: argparse.Namespace) -> tuple[list[str], int]:
     return prompts, prompts.index(args.prompt)
 
 
-def initial_knobs(args: argparse.Namespace, controlled: bool) -> dict[str, Any]:
-    """The flags' knob values, requested like any later change."""
+def initial_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags' knob values, requested like any later change (the control knobs, which the backend opens
+    with, are published with it)."""
     knobs = {"prompt": args.prompt, "feedback": args.feedback, "blend": args.blend, "ema": args.ema}
-    if controlled:
-        knobs.update(control=args.control, control_strength=args.control_strength)
     if args.prompt_b:
         knobs.update(prompt_b=args.prompt_b, prompt_blend=args.prompt_blend)
     if args.seed_b is not None:
@@ -79,8 +78,7 @@ class Session:
         log = log if log is not None else sys.stderr
         if args.source == DRAW_SOURCE and not studio:
             raise SourceError("--source draw is the studio page's drawing canvas: run `mlx-sdxs studio --source draw`")
-        # A drawing is a sketch (dark on light); a camera's frames give the ControlNet their edges.
-        args.control = args.control or ("sketch" if args.source == DRAW_SOURCE else "edges")
+        args.control = args.control or control_mode_for(args.source)
         prompts, index = prompt_list(args)
         args.prompt = prompts[index]
         args.render_size = args.render_size or default_render_size(args)
@@ -98,7 +96,7 @@ class Session:
             control.publish(backend=backend.name, label=backend.label, render_size=tuple(backend.render_size),
                             **({"control": args.control, "control_strength": args.control_strength}
                                if backend.controlled else {}))
-            control.request(**initial_knobs(args, backend.controlled))
+            control.request(**initial_knobs(args))
         except BaseException:
             session.close(1)
             raise

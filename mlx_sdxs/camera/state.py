@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.recipe import check_control, check_fraction
+from mlx_sdxs.recipe import MAX_CONTROL_STRENGTH, check_control, check_fraction
 
 MODEL_KNOBS = ("prompt", "prompt_b", "prompt_blend", "feedback", "seed_blend", "control", "control_strength")
 DISPLAY_KNOBS = ("blend", "ema")
@@ -69,12 +69,14 @@ def checked(state: LiveState, changes: dict[str, Any]) -> dict[str, Any]:
             out[knob] = text
         elif knob == "seed_blend" and state.seed_blend is None:
             raise ConfigError("a seed blend needs a second random seed (--seed-b)")
-        elif knob in ("control", "control_strength"):
-            if state.control is None:
-                raise ConfigError(f"{knob.replace('_', ' ')} needs a model with a ControlNet "
-                                  "(e.g. --model sdxs-512-dreamshaper-sketch)")
-            check_control(*((value, None) if knob == "control" else (None, value)))
-            out[knob] = value if knob == "control" else float(value)
+        elif knob in ("control", "control_strength") and state.control is None:
+            raise ConfigError(f"{knob.replace('_', ' ')} needs a model with a ControlNet "
+                              "(e.g. --model sdxs-512-dreamshaper-sketch)")
+        elif knob == "control":
+            check_control(value, None)
+            out[knob] = value
+        elif knob == "control_strength":
+            out[knob] = check_fraction(value, "control strength", MAX_CONTROL_STRENGTH)
         else:
             out[knob] = check_fraction(value, knob.replace("_", " "), EMA_MAX if knob == "ema" else 1.0)
     return out

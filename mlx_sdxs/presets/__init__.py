@@ -14,7 +14,9 @@ from mlx_sdxs.errors import ConfigError
 
 FOLDER = Path(__file__).parent
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
-OPTIONAL_COMPONENTS = ("controlnet",)
+#: Components a model may add to the four above, each in its own folder of a checkpoint or converted folder.
+CONTROLNET = "controlnet"
+OPTIONAL_COMPONENTS = (CONTROLNET,)
 #: `--model` names that build random weights offline, and the preset whose shape they take.
 RANDOM_MODELS = {"random": "sdxs-512-0.9", "random-tiny": "tiny", "random-tiny-sketch": "tiny-sketch"}
 RANDOM_LABEL = "RANDOM WEIGHTS - not a trained model"
@@ -53,6 +55,12 @@ def configs(preset: str) -> dict[str, dict[str, Any]]:
 
 #: model_index.json key that marks a checkpoint (and what is converted or exported from it) as random.
 RANDOM_MARKER = "_mlx_sdxs_random_weights"
+
+
+def controlnet_folder(folder: str | Path) -> Path | None:
+    """The ControlNet a diffusers checkpoint or converted folder carries (its `controlnet/`), or None."""
+    found = Path(folder) / CONTROLNET
+    return found if found.is_dir() else None
 
 
 def is_random_checkpoint(folder: Path) -> bool:

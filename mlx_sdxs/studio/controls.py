@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from mlx_sdxs.camera.picker import DRAW_SOURCE, PUSHED_SOURCES, BrowserSource, SwitchableSource
+from mlx_sdxs.camera.picker import PUSHED_SOURCES, BrowserSource, SwitchableSource, control_mode_for
 from mlx_sdxs.camera.state import DISPLAY_KNOBS, MODEL_KNOBS, LoopControl
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import SDXSError
@@ -67,8 +67,8 @@ class Controls:
         if kind == "source":
             choice = str(message.get("source"))
             self.source.switch(choice)
-            if self.control.state.control is not None:  # a drawing is a sketch; a camera's frames need their edges
-                self.control.request(control="sketch" if choice == DRAW_SOURCE else "edges")
+            if self.control.state.control is not None:
+                self.control.request(control=control_mode_for(choice))
             return None
         if kind == "record":
             if message.get("action") == "start":
@@ -97,6 +97,6 @@ class Controls:
             self.dropped[reason] += 1
             return False
         pushed = self.source.get(self.source.current)
-        if self.source.current in PUSHED_SOURCES and isinstance(pushed, BrowserSource):
+        if isinstance(pushed, BrowserSource):  # the page's webcam or canvas, whichever is on
             pushed.push(frame)
         return True

@@ -18,10 +18,12 @@ import torch
 
 from mlx_sdxs.backends.exported import (CONTROL_INPUTS, DECODER_INPUT, DECODER_OUTPUT, ENCODER_INPUT,
                                         ENCODER_OUTPUT, UNET_INPUTS, UNET_OUTPUT, ExportManifest, check_export_size)
+from mlx_sdxs import presets
 from mlx_sdxs.backends.torch_backend import (ControlledUNetEpsilon, UNetEpsilon, VAEDecoder, VAEEncoder,
-                                             checkpoint_controlnet, load_controlnet, load_unet, load_vae)
+                                             load_controlnet, load_unet, load_vae)
 from mlx_sdxs.convert import atomic_dir
 from mlx_sdxs.frames import Size
+from mlx_sdxs.recipe import DEFAULT_CONTROL_STRENGTH
 from mlx_sdxs.tokenizer import MAX_LENGTH
 
 @dataclass
@@ -46,7 +48,7 @@ def build_graphs(checkpoint_dir: str | Path, render_size: Size, controlnet_dir: 
     if controlnet_dir is None:
         noise_graph = Graph(UNetEpsilon(unet).eval(), dict(zip(UNET_INPUTS, unet_inputs)), UNET_OUTPUT)
     else:
-        control_inputs = (torch.rand(1, 3, height, width), torch.tensor([0.8]))
+        control_inputs = (torch.rand(1, 3, height, width), torch.tensor([DEFAULT_CONTROL_STRENGTH]))
         noise_graph = Graph(ControlledUNetEpsilon(unet, load_controlnet(controlnet_dir)).eval(),
                             dict(zip(UNET_INPUTS + CONTROL_INPUTS, unet_inputs + control_inputs)), UNET_OUTPUT)
     return {
@@ -86,7 +88,7 @@ def export_graphs(checkpoint_dir: str | Path, out_dir: str | Path, render_size: 
     `controlnet/`, if it has one)."""
     render_size = check_export_size(render_size)
     out_dir = Path(out_dir)
-    controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else checkpoint_controlnet(checkpoint_dir)
+    controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else presets.controlnet_folder(checkpoint_dir)
     graphs = build_graphs(checkpoint_dir, render_size, controlnet_dir)
     with atomic_dir(out_dir) as staging:
         files = {}
