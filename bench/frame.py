@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT = "a watercolor painting"
-
+from bench.inputs import PROMPT
+from bench.report import RUNS, run_stem
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.frame", description=__doc__.split("\n\n")[0])
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="rerun the MLX rows in a child process with this environment variable set (repeatable)")
     parser.add_argument("--mlx-only-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's output
-    parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
+    parser.add_argument("--out", type=Path, default=RUNS)
     return parser.parse_args(argv)
 
 
@@ -92,14 +92,15 @@ def time_staged(stream, frames: list, count: int) -> dict:
 def measure_mlx(sizes: list[int], frames: list, count: int, args: argparse.Namespace) -> dict:
     import mlx.core as mx
 
-    from bench.measure import prepare_checkpoint, primitives_per_frame
-    from mlx_sdxs import runtime
+    from bench.counts import primitives_per_frame
+    from bench.inputs import prepare_checkpoint
+    from mlx_sdxs import presets, runtime
     from mlx_sdxs.pipeline import SDXSPipeline
     from mlx_sdxs.recipe import RecipeSettings
 
     runtime.select_kernels(args.kernels)
-    _, converted = prepare_checkpoint(argparse.Namespace(checkpoint=None, preset="sdxs-512-0.9"))
-    pipeline = SDXSPipeline.from_weights(converted, name="sdxs-512-0.9 (random)")
+    _, converted = prepare_checkpoint(presets.DEFAULT)
+    pipeline = SDXSPipeline.from_weights(converted, name=f"{presets.DEFAULT} (random)")
     rows = {}
     for size in sizes:
         settings = RecipeSettings(render_size=size)
@@ -108,7 +109,7 @@ def measure_mlx(sizes: list[int], frames: list, count: int, args: argparse.Names
         stream.warmup(3)
         warm_s = time.perf_counter() - started
         rows[size] = {
-            "device": runtime.describe(pipeline.dtype)["device"], "engine": stream.engine.name,
+            "device": runtime.describe(pipeline.dtype)["device"], "engine": stream.name,
             "warmup_s": round(warm_s, 2),
             "mlx staged": time_staged(stream, frames, max(5, count // 3)),
             "mlx compiled": time_latency(stream, frames, count),
@@ -124,12 +125,13 @@ def measure_mlx(sizes: list[int], frames: list, count: int, args: argparse.Names
 def measure_torch(sizes: list[int], frames: list, count: int) -> dict:
     import torch
 
-    from bench.measure import prepare_checkpoint
+    from bench.inputs import prepare_checkpoint
+    from mlx_sdxs import presets
     from mlx_sdxs.backends.torch_backend import torch_stream
     from mlx_sdxs.recipe import RecipeSettings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    checkpoint, _ = prepare_checkpoint(argparse.Namespace(checkpoint=None, preset="sdxs-512-0.9"))
+    checkpoint, _ = prepare_checkpoint(presets.DEFAULT)
     dtype = torch.float16 if device == "cuda" else torch.float32
     rows: dict = {}
     for size in sizes:
@@ -138,7 +140,7 @@ def measure_torch(sizes: list[int], frames: list, count: int) -> dict:
             stream = torch_stream(checkpoint, RecipeSettings(render_size=size), device, dtype, PROMPT, cuda_graph=graph)
             stream.warmup(3)
             name = "torch cuda graph" if graph else f"torch {device}"
-            rows[size][name] = {**time_latency(stream, frames, count), "engine": stream.engine.name}
+            rows[size][name] = {**time_latency(stream, frames, count), "engine": stream.name}
             rows[size][name + " in flight"] = time_stream(stream, frames, count, in_flight=True)
             print(f"bench.frame: {name} @ {size}: {rows[size][name]}", flush=True)
             stream.close()
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx_sdxs  # noqa: F401  (fast BLAS before mlx.core)
     import mlx.core as mx
 
-    from bench.measure import load_frames
+    from bench.inputs import load_frames
 
     sizes = [int(s) for s in args.sizes.split(",")]
     frames, note = load_frames(None)
@@ -206,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         report["torch"] = {str(k): v for k, v in measure_torch(sizes, frames, args.frames).items()}
     if args.env:
         report["env"] = env_variants(args.env, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"frame-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = run_stem(args.out, "frame")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx_sdxs  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
+from bench.report import RUNS, run_stem
 from mlx_sdxs import presets, runtime
 from mlx_sdxs.models.cpu_ops import CPUOps
 from mlx_sdxs.models.ops import PORTABLE, PortableOps, set_ops
@@ -149,18 +150,17 @@ def markdown(rows: list[dict], machine: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="sdxs-512-0.9")
+    parser.add_argument("--preset", default=presets.DEFAULT)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="unet,vae", help="which of unet, vae to trace")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
+    parser.add_argument("--out", type=Path, default=RUNS)
     args = parser.parse_args(argv)
     runtime.reserve_cpu_buffer_cache()  # as every model loaded on the CPU gets it
     rows = measure(args.preset, [int(s) for s in args.sizes.split(",")], args.repeats, tuple(args.models.split(",")))
     info = mx.device_info()
     table = markdown(rows, f"{args.preset}; {info.get('device_name')} {info.get('architecture')}, MLX {mx.__version__}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path = run_stem(args.out, "kernels").with_suffix(".md")
     path.write_text(table)
     print(table)
     print(f"bench: wrote {path}")

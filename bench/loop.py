@@ -38,11 +38,8 @@ class SimulatedDevice:
         self.done_at: list[float] = []
         self._device_free = 0.0
 
-    def set_prompt(self, prompt, prompt_b=None, blend=None) -> None:
-        pass
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        return False
+    def set_prompt(self, prompt, prompt_b=None, blend=None) -> tuple[str, ...]:
+        return ()
 
     def set_prompt_blend(self, blend: float) -> None:
         pass
@@ -53,7 +50,10 @@ class SimulatedDevice:
     def set_seed_blend(self, blend: float) -> None:
         pass
 
-    def set_control(self, mode=None, strength=None) -> None:
+    def set_control_mode(self, mode: str) -> None:
+        pass
+
+    def set_control_strength(self, strength: float) -> None:
         pass
 
     def worker(self):

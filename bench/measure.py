@@ -1,100 +1,16 @@
-"""Measuring: the backends on the same weights and frames, per-stage times, loop FPS, memory, FLOPs, and
-the MLX graph's primitive count per frame (a GPU launch-count proxy that needs no GPU)."""
+"""Measuring: the backends on the same weights and frames, interleaved in rounds — per-stage times, standalone
+and loop FPS, memory, threads — and each row's summary (with its UNet FLOP/s, `counts.unet_flops`)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import os
-import platform
-import re
-import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-PROMPT = "a watercolor painting"
-#: Graph nodes that only re-describe memory (no kernel of their own on a GPU) — left out of the count.
-VIEW_PRIMITIVES = {"Reshape", "Transpose", "Slice", "Broadcast", "BroadcastAxes", "AsStrided", "ExpandDims",
-                   "Squeeze", "Flatten", "Unflatten", "View", "StopGradient"}
-
-
-# --- inputs ----------------------------------------------------------------------------------------
-def load_frames(folder: Path | None) -> tuple[list, str]:
-    import cv2
-
-    from mlx_sdxs.camera.sources import SyntheticSource
-
-    given = folder is not None
-    folder = folder or Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
-    files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
-    frames = [frame for frame in (cv2.imread(str(f)) for f in files) if frame is not None]
-    if given and not frames:
-        raise SystemExit(f"bench: --images {folder}: no readable .png/.jpg images there")
-    if frames:
-        return frames, f"{len(frames)} photos from {folder}"
-    source = SyntheticSource(640, 480, 0)
-    return [source.read() for _ in range(8)], "8 frames of the synthetic scene"
-
-
-#: The row suffix of a backend running a ControlNet model (its frame: control image → ControlNet + UNet → decode).
-CONTROLNET_SUFFIX = "+controlnet"
-
-
-def prepare_variants(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
-    """Row suffix → (diffusers checkpoint, converted folder). A preset that adds a ControlNet (e.g.
-    sdxs-512-dreamshaper-sketch) gives two: its base model ("", the plain frame) and the model with its
-    ControlNet (CONTROLNET_SUFFIX), so that every backend's ControlNet frame stands beside its plain one."""
-    from mlx_sdxs import presets
-
-    if args.checkpoint is not None:
-        suffix = CONTROLNET_SUFFIX if presets.controlnet_folder(args.checkpoint) is not None else ""
-        return {suffix: prepare_checkpoint(args)}
-    base = presets.base(args.preset)
-    if base is None:
-        return {"": prepare_checkpoint(args)}
-    return {"": prepare_checkpoint(argparse.Namespace(checkpoint=None, preset=base)),
-            CONTROLNET_SUFFIX: prepare_checkpoint(args)}
-
-
-def prepare_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(diffusers checkpoint, converted MLX folder): --checkpoint, else random weights in the preset's
-    shape; built and converted once under the weights folder."""
-    from mlx_sdxs import hub
-    from mlx_sdxs.backends import random_checkpoint
-    from mlx_sdxs.convert import convert_checkpoint
-
-    source = args.checkpoint or random_checkpoint(args.preset)
-    converted = hub.default_weights_root() / f"bench-{hub.model_slug(source)}-float32"
-    if not hub.is_converted(converted):
-        print(f"bench: converting {source} for MLX (once)…", flush=True)
-        convert_checkpoint(source, converted)
-    return source, converted
-
-
-#: The loop's replay source runs far above any model's rate, so the loop FPS says what the loop can do (a 30 FPS
-#: camera would cap every backend at 30); paced, not spinning, so it takes almost no CPU itself.
-UNPACED_FPS = 1000.0
-
-
-class ReplaySource:
-    """Decoded frames replayed at a fixed rate: the loop measurement pays no decode/synthesis cost."""
-
-    def __init__(self, frames: list, fps: float = UNPACED_FPS):
-        from mlx_sdxs.camera.sources import Pacer
-
-        self.name, self.fps, self.frames, self.count, self.pacer = "replay", fps, frames, 0, Pacer(fps)
-
-    def read(self, stop=None):
-        if not self.pacer.wait(stop):
-            return None
-        self.count += 1
-        return self.frames[self.count % len(self.frames)]
-
-    def close(self) -> None:
-        pass
+from bench.counts import unet_flops
+from bench.inputs import CONTROLNET_SUFFIX, PROMPT, ReplaySource
 
 
 # --- backends --------------------------------------------------------------------------------------
@@ -118,9 +34,7 @@ def make_backend(name: str, size: int, checkpoint: Path, converted: Path, args: 
                                                  kernels=args.kernels)
             if name in ("mlx-q8", "mlx-q4"):
                 nn.quantize(pipeline.unet, bits=int(name[-1]))
-            backend = pipeline.stream(settings, PROMPT)
-            backend.name = name
-            return backend
+            return pipeline.stream(settings, PROMPT)
         if name == "torch-graph":
             from mlx_sdxs.backends.torch_backend import torch_dtype, torch_stream
 
@@ -131,77 +45,6 @@ def make_backend(name: str, size: int, checkpoint: Path, converted: Path, args: 
         return open_backend(choice, settings, PROMPT)
     except (SDXSError, ImportError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
-
-
-def backend_threads(backend) -> int | None:
-    """Threads the backend computes with (the bench reports them so the comparison is fair)."""
-    engine = getattr(backend, "engine", None)
-    if hasattr(engine, "threads"):
-        return engine.threads
-    if type(engine).__name__ == "TorchEngine":
-        import torch
-
-        return torch.get_num_threads()
-    return os.cpu_count()
-
-
-def unet_flops(source: Path, size: int) -> float | None:
-    """FLOPs of one UNet call at `size` (torch FlopCounterMode on the diffusers UNet, with the checkpoint's
-    ControlNet in front of it if it has one: the recipe's UNet stage runs both), or None without torch."""
-    try:
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from mlx_sdxs import presets
-        from mlx_sdxs.backends.torch_backend import ControlledUNetEpsilon, UNetEpsilon, load_controlnet, load_unet
-    except ImportError:
-        return None
-    unet = load_unet(source)
-    inputs = (torch.zeros(1, unet.config.in_channels, size // 8, size // 8), torch.tensor([999]),
-              torch.zeros(1, 77, unet.config.cross_attention_dim))
-    controlnet = presets.controlnet_folder(source)
-    if controlnet is None:
-        network = UNetEpsilon(unet)
-    else:
-        network, inputs = (ControlledUNetEpsilon(unet, load_controlnet(controlnet)),
-                           inputs + (torch.zeros(1, 3, size, size), 1.0))
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        network(*inputs)
-    return float(counter.get_total_flops())
-
-
-def count_graph(outputs) -> Counter:
-    """Non-view primitives in the unevaluated MLX graph behind `outputs`, by primitive name."""
-    import mlx.core as mx
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "graph.dot"
-        mx.export_to_dot(str(path), *outputs)
-        labels = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', path.read_text())
-    return Counter(label for label in labels if label not in VIEW_PRIMITIVES)
-
-
-def primitives_per_frame(pipeline, settings, frame: np.ndarray) -> dict:
-    """The primitives one camera frame evaluates on this device under this pipeline's policy: a walk of the
-    compiled frame's graph (the second frame's, feedback on), by kind, views left out."""
-    import mlx.core as mx
-
-    from mlx_sdxs.pipeline import MLXEngine
-    from mlx_sdxs.recipe import Recipe
-
-    class Unqueued(MLXEngine):
-        """Keeps the frame's graph instead of evaluating it."""
-
-        def start(self, arrays):
-            self.graph = list(arrays)
-
-    recipe = Recipe(Unqueued(pipeline), settings, PROMPT)
-    recipe.submit(frame)
-    mx.eval(recipe.engine.graph)
-    recipe.submit(frame)
-    counts = count_graph(recipe.engine.graph)
-    return {"frame": sum(counts.values()), "top": dict(counts.most_common(12)), "kernels": pipeline.unet.ops.name,
-            "dtype": str(pipeline.dtype)}
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -224,6 +67,7 @@ def measure_size(size: int, names: list[str], frames: list, variants: dict[str, 
                  args: argparse.Namespace) -> dict:
     """Every row (a backend name, with CONTROLNET_SUFFIX for the ControlNet model's) at one render size; ratios
     are against the MLX row of the same model."""
+    from mlx_sdxs.backends import compute_threads
     from mlx_sdxs.camera.loop import run_loop
     from mlx_sdxs.recipe import STAGES
 
@@ -238,8 +82,8 @@ def measure_size(size: int, names: list[str], frames: list, variants: dict[str, 
         backend.warmup()
         backends[name] = backend
         results[name] = {"load_rss_mb": round(rss_mb() - before, 1), "stages_ms": {s: [] for s in STAGES},
-                         "frame_ms": [], "standalone_ms": [], "backend": backend.engine.name,
-                         "threads": backend_threads(backend)}
+                         "frame_ms": [], "standalone_ms": [], "backend": backend.name,
+                         "threads": compute_threads(backend)}
     # Rounds of a few frames per backend, backend after backend: the machine's noise hits every backend
     # alike, while each backend's thread pool (OpenBLAS, OpenMP, ORT) gets the cores to itself within a round
     # (frame-by-frame alternation made torch's OpenMP threads fight OpenBLAS's spinning workers). Each round
@@ -311,54 +155,3 @@ def summarise(result: dict, unet_flop: float | None) -> dict:
         entry["unet_gflop"] = unet_flop / 1e9
         entry["unet_gflops_per_s"] = unet_flop / 1e9 / (stages["unet"]["median"] / 1000)
     return entry
-
-
-def system_info(args: argparse.Namespace, frames_note: str) -> dict:
-    import mlx.core as mx
-
-    from mlx_sdxs import __version__, _blas, native, runtime
-
-    dtype = runtime.parse_dtype(args.dtype)
-    described = runtime.describe(dtype)
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": platform.machine(), "os": platform.platform(), "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
-        "mlx": mx.__version__, "mlx_device": described["device"], "mlx_sdxs": __version__,
-        "mlx_blas": _blas.status(), "numpy": np.__version__,
-        "dtype": described["dtype"], "kernels": described["kernels"], "kernels_requested": described["kernels_requested"],
-        "native_kernels": native.status(),
-        "openblas_env_unset_for_bench": os.environ.get("MLX_SDXS_BENCH_UNSET_OPENBLAS", "") or "none were set",
-        "frames": frames_note, "preset": args.preset if args.checkpoint is None else str(args.checkpoint),
-    }
-    for package in ("torch", "diffusers", "onnxruntime", "coremltools"):
-        try:
-            info[package] = importlib.metadata.version(package)  # no import: coremltools is noisy off macOS
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    if args.device == "cuda" or runtime.on_cuda():
-        try:
-            import torch
-
-            info["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-        except ImportError:
-            pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas_kernels"] = sorted({f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} "
-                                       f"({p.get('num_threads')} threads)"
-                                       for p in threadpool_info() if p.get("user_api") == "blas"})
-    except ImportError:
-        pass
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from bench.report import RUNS, run_stem
 from mlx_sdxs import presets, runtime
 from mlx_sdxs.models.ops import PortableOps, UsesOps, set_ops
 from mlx_sdxs.weights import build_model, prepare
@@ -228,25 +229,24 @@ def markdown(profiles: dict, machine: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="sdxs-512-0.9")
+    parser.add_argument("--preset", default=presets.DEFAULT)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernels", default="cpu", help="MLX kernel policy to profile (portable, cpu)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
+    parser.add_argument("--out", type=Path, default=RUNS)
     args = parser.parse_args(argv)
-    from bench.measure import prepare_checkpoint
-    from mlx_sdxs.backends import BackendChoice, open_backend
+    from bench.inputs import prepare_checkpoint
+    from mlx_sdxs.backends import BackendChoice, export_folder
     from mlx_sdxs.recipe import RecipeSettings
 
     runtime.reserve_cpu_buffer_cache()
     threads = os.cpu_count() or 1
-    source, _ = prepare_checkpoint(argparse.Namespace(checkpoint=None, preset=args.preset))
+    source, _ = prepare_checkpoint(args.preset)
     profiles = {}
     for size in [int(s) for s in args.sizes.split(",")]:
-        # Opening the onnx backend exports the graphs for this size once (cached beside the checkpoint).
-        backend = open_backend(BackendChoice(backend="onnx", model=str(source)), RecipeSettings(render_size=size))
-        export_dir = backend.engine.export_dir
-        backend.close()
+        # The ONNX export of this size, made once (cached under the weights folder, as the onnx backend's).
+        export_dir = export_folder(BackendChoice(backend="onnx", model=str(source)), source,
+                                   RecipeSettings(render_size=size), presets.controlnet_folder(source))
         mlx_profile, ops_name = profile_mlx(args.preset, size, args.repeats, args.kernels)
         profiles[size] = {"mlx": mlx_profile, "ort": profile_ort(export_dir, args.repeats, threads), "ops": ops_name}
         print(markdown({size: profiles[size]}, f"{size}², so far"), flush=True)
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{info.get('device_name')}, {threads} threads; MLX {mx.__version__} ({ops_name} ops, native: "
                f"{native.status()}); onnxruntime {__import__('onnxruntime').__version__}, {args.preset}")
     table = markdown(profiles, machine)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu-profile-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path = run_stem(args.out, "cpu-profile").with_suffix(".md")
     path.write_text(table)
     print(f"bench: wrote {path}")
     return 0

@@ -3,7 +3,16 @@ below the table; nothing prints as nan."""
 
 from __future__ import annotations
 
-from bench.measure import CONTROLNET_SUFFIX
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from bench.inputs import CONTROLNET_SUFFIX
+
+#: Where every bench command writes its results by default (those the README quotes are copied to bench/results/).
+RUNS = Path("bench/results/runs")
 
 COLUMNS = ("size", "backend", "encode ms", "UNet ms", "decode ms", "enc+UNet+dec ms", "best frame ms", "× MLX time",
            "standalone FPS", "loop FPS", "loop/standalone", "UNet GFLOP/s", "threads")
@@ -27,13 +36,17 @@ def controlnet_costs(report: dict) -> list[str]:
     return lines
 
 
+def device_line(info: dict) -> str:
+    """The machine a run measured (`system.system_info`), as every report's first line says it."""
+    return (f"Device: {info['cpu']} ({info['cpu_count']} cores), {info['os']}; MLX {info['mlx']} on "
+            f"{info['mlx_device']} with {info['mlx_blas']}; MLX dtype {info['dtype']}, kernels {info['kernels']} "
+            f"(policy {info['kernels_requested']}; native: {info['native_kernels']})"
+            + (f"; torch on {info['torch_device']}" if info.get("torch_device") else ""))
+
+
 def markdown(report: dict) -> str:
     info = report["system"]
-    lines = [f"Device: {info['cpu']} ({info['cpu_count']} cores), {info['os']}; MLX {info['mlx']} on "
-             f"{info['mlx_device']} with {info['mlx_blas']}; MLX dtype {info['dtype']}, kernels {info['kernels']} "
-             f"(policy {info['kernels_requested']}; native: {info['native_kernels']})"
-             + (f"; torch on {info['torch_device']}" if info.get("torch_device") else "")
-             + f"; frames: {info['frames']}.", "",
+    lines = [device_line(info) + f"; frames: {info['frames']}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     notes = []
     for size, backends in report["sizes"].items():
@@ -62,3 +75,23 @@ def markdown(report: dict) -> str:
                       f"kernels, {first['dtype']}; views excluded): "
                       + ", ".join(f"{size}: {p['frame']}" for size, p in primitives.items())]
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, kind: str, report: dict, table: str, draw: Callable[[dict, Path], list[Path]]) -> Path:
+    """`out/<kind>-<time>.json` (the report) and `.md` (its table), each written whole or not at all, and the
+    charts `draw` makes; prints the table and what was written, and returns the files' stem."""
+    stem = run_stem(out, kind)
+    for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", table)):
+        partial = stem.with_name(f".{stem.name}{suffix}.partial")
+        partial.write_text(text)
+        os.replace(partial, stem.with_suffix(suffix))
+    charts = draw(report, stem)
+    print(table)
+    print(f"bench: wrote {stem}.json, {stem}.md" + "".join(f", {c}" for c in charts), flush=True)
+    return stem
+
+
+def run_stem(out: Path, kind: str) -> Path:
+    """`out/<kind>-<date>-<time>`: a run's results file without its suffix (`out` is made if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"

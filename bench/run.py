@@ -7,7 +7,8 @@ Per backend and render size: per-stage time (median and p90 after warm-up), stan
 inside the 3-thread loop, memory, UNet GFLOP/s (FLOPs counted with torch's FlopCounterMode on the
 diffusers UNet), threads, and ratios against MLX; plus the MLX primitives one frame evaluates under
 the portable kernels (a GPU launch-count proxy). Writes JSON, markdown and PNG charts to --out
-(`measure.py` measures, `report.py` writes tables, `charts.py` draws).
+(`inputs.py` prepares, `measure.py` times, `counts.py` counts, `system.py` describes the machine, `report.py`
+writes tables, `charts.py` draws).
 
 Without --checkpoint it builds (once, cached under weights/) a random-weight checkpoint in the
 SDXS-512-0.9 shape: the timings of random and trained weights are the same. A preset with a ControlNet
@@ -18,16 +19,16 @@ SDXS-512-0.9 shape: the timings of random and trained weights are the same. A pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
+
+from bench.report import RUNS, write_results
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def _reexec_without_openblas_overrides() -> None:
+def reexec_without_openblas_overrides(module: str = "bench.run") -> None:
     """These variables pin OpenBLAS to Haswell kernels on some machines; users' machines set nothing.
 
     They are read when OpenBLAS loads, so the bench restarts itself without them (tests keep them).
@@ -35,17 +36,20 @@ def _reexec_without_openblas_overrides() -> None:
     if any(v in os.environ for v in OPENBLAS_VARIABLES):
         env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_VARIABLES}
         env["MLX_SDXS_BENCH_UNSET_OPENBLAS"] = ",".join(v for v in OPENBLAS_VARIABLES if v in os.environ)
-        os.execve(sys.executable, [sys.executable, "-m", "bench.run", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mlx_sdxs import presets
+
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="mlx,torch,onnx,coreml",
                         help="comma-separated: mlx, mlx-q8, mlx-q4 (MLX with nn.quantize on the UNet), torch, "
                              "torch-graph (the frame as one CUDA graph; CUDA only), onnx, coreml")
     parser.add_argument("--sizes", default="256,512", help="render sizes, comma-separated (multiples of 64)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="diffusers checkpoint folder (default: random SDXS)")
-    parser.add_argument("--preset", default="sdxs-512-0.9", help="shape of the random checkpoint (default sdxs-512-0.9)")
+    parser.add_argument("--preset", default=presets.DEFAULT,
+                        help=f"shape of the random checkpoint (default {presets.DEFAULT})")
     parser.add_argument("--frames", type=int, default=6, help="timed frames per backend and size")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up frames per backend and size")
     parser.add_argument("--loop-frames", type=int, default=6,
@@ -58,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-dtype", default="auto", help="torch dtype (auto: float32 on cpu, float16 on cuda/mps)")
     parser.add_argument("--no-primitives", dest="primitives", action="store_false",
                         help="skip the MLX primitive count of a compiled frame (it loads the model once more)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
+    parser.add_argument("--out", type=Path, default=RUNS)
     parser.add_argument("--keep-openblas-env", action="store_true", help="do not unset OPENBLAS_CORETYPE/L2_SIZE")
     return parser.parse_args(argv)
 
@@ -66,11 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.keep_openblas_env:
-        _reexec_without_openblas_overrides()
+        reexec_without_openblas_overrides()
     import mlx_sdxs  # noqa: F401  (fast BLAS before mlx.core)
     from bench.charts import write_charts
-    from bench.measure import load_frames, measure_size, prepare_variants, primitives_per_frame, system_info
+    from bench.counts import primitives_per_frame
+    from bench.inputs import load_frames, prepare_variants
+    from bench.measure import measure_size
     from bench.report import markdown
+    from bench.system import system_info
     from mlx_sdxs import runtime
     from mlx_sdxs.pipeline import SDXSPipeline
     from mlx_sdxs.recipe import RecipeSettings
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     sizes = [int(s) for s in args.sizes.split(",")]
     frames, frames_note = load_frames(args.images)
-    variants = prepare_variants(args)
+    variants = prepare_variants(args.preset, args.checkpoint)
     rows = [name + suffix for name in names for suffix in variants]
     report = {"system": system_info(args, frames_note), "sizes": {}, "primitives": {}}
     for size in sizes:
@@ -92,14 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     pipeline, RecipeSettings(render_size=size), frames[0])
                 del pipeline
         print(markdown(report), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    charts = write_charts(report, stem)
-    print(table)
-    print(f"bench: wrote {stem}.json, {stem}.md" + "".join(f", {c}" for c in charts))
+    write_results(args.out, "bench", report, markdown(report), write_charts)
     return 0
 
 

@@ -24,8 +24,11 @@ from pathlib import Path
 import psutil
 import websockets
 
+from bench.report import RUNS, run_stem
+from mlx_sdxs import loopback
+
 ROOT = Path(__file__).resolve().parents[1]
-URL_LINE = re.compile(r"studio at http://127\.0\.0\.1:(\d+)/\?token=([\w-]+)")
+URL_LINE = re.compile(rf"studio at http://{re.escape(loopback.HOST)}:(\d+)/\?token=([\w-]+)")
 
 
 def start_studio(render_size: str) -> tuple[subprocess.Popen, int, str]:
@@ -58,7 +61,7 @@ async def viewer(url: str, seconds: float, slow: bool, counts: list) -> None:
 
 
 async def phase(port: int, token: str, viewers: int, seconds: float, process: psutil.Process) -> dict:
-    url = f"ws://127.0.0.1:{port}/ws?token={token}"
+    url = f"ws://{loopback.HOST}:{port}/ws?token={token}"
     counts: list[int] = []
     samples = []
     tasks = [asyncio.ensure_future(viewer(url, seconds, slow=i == 1, counts=counts)) for i in range(viewers)]
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--viewers", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--render-size", default="256")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/runs"))
+    parser.add_argument("--out", type=Path, default=RUNS)
     args = parser.parse_args(argv)
     server, port, token = start_studio(args.render_size)
     process = psutil.Process(server.pid)
@@ -118,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Before: {baseline['fds']} fds, {baseline['threads']} threads; after everyone left: {after['fds']} fds, "
               f"{after['threads']} threads; RSS {baseline['rss_mb']:.0f} → {after['rss_mb']:.0f} MB."]
     table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"studio-load-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path = run_stem(args.out, "studio-load").with_suffix(".md")
     path.write_text(table)
     print(table + f"\nbench: wrote {path}")
     return 0 if ratio >= 0.9 and after["fds"] <= baseline["fds"] and after["threads"] <= baseline["threads"] else 1

@@ -1,4 +1,4 @@
-"""`mlx-sdxs`: txt2img, img2img, camera, studio, convert, export, download, info, bench.
+"""`mlx-sdxs`: txt2img, img2img, stylize, camera, studio, convert, export, download, info, bench.
 
 Thin by design: parse, build, run, save. Errors users can act on (`SDXSError`) print one line and
 exit 1; Ctrl-C (and SIGTERM during a session) exits 130; nothing is left half-written.
@@ -14,17 +14,18 @@ import time
 import warnings
 from pathlib import Path
 
-from mlx_sdxs import hub, options, runtime
+from mlx_sdxs import hub, loopback, options, runtime, smoke
 from mlx_sdxs.backends.exported import COREML_PRECISIONS, EXPORT_SIDES
-from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.errors import ModelUnavailable, SDXSError
 from mlx_sdxs.frames import CONTROL_MODES
+from mlx_sdxs.knobs import KNOBS
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None:
-    parser.add_argument("--prompt", required=True, help="text prompt (CLIP reads 75 tokens; longer ones are "
+    parser.add_argument("--prompt", default=None, help="text prompt (CLIP reads 75 tokens; longer ones are "
                         "truncated with a notice)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
-    parser.add_argument("--size", type=options.size_pair("--size", options.GENERATION_SIDES), default=(512, 512),
+    parser.add_argument("--size", type=options.size_pair("--size", options.SIDES), default=(512, 512),
                         metavar="WxH", help="output size, sides multiples of 64: 512 or 512x384 (default 512)")
     parser.add_argument("--output", "-o", type=Path, default=default_output,
                         help=f"PNG/JPEG/WebP file, written atomically (default {default_output})")
@@ -33,7 +34,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, default_output: Pa
     parser.add_argument("--control-mode", choices=CONTROL_MODES, default="sketch",
                         help="what --control-image is: a sketch, dark on light (default; inverted as the SDXS sketch "
                              "demo does), lines, light on dark (as they are), or a photo to take the edges of")
-    options.add_control_strength_argument(parser)
+    options.add_knob_argument(parser, KNOBS["control_strength"], live=False)
     options.add_model_arguments(parser)
 
 
@@ -44,12 +45,9 @@ def _choice(args: argparse.Namespace):
 
 
 def _labelled(rgb, label: str | None):
-    """Stamp random-weight outputs so no one mistakes them for a trained model's."""
-    if not label:
-        return rgb
-    from mlx_sdxs.camera.presenter import draw_banner
+    from mlx_sdxs.jobs.work import labelled
 
-    return draw_banner(rgb.copy(), label)
+    return labelled(rgb, label)
 
 
 def _generated(pipeline, args: argparse.Namespace, seconds: float) -> None:
@@ -68,10 +66,88 @@ def _control(args: argparse.Namespace) -> dict:
             "control_strength": args.control_strength}
 
 
+def add_job_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """The flags of a bulk run: where it writes, and where it runs."""
+    group = parser.add_argument_group("bulk runs")
+    group.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
+                       help=f"write every {unit} here with a manifest (manifest.jsonl); a rerun skips what is done")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on a Ray cluster (the ray extra): one worker per GPU (else per node) holding the "
+                            "model; ADDRESS as `ray start` printed it, or 'auto'; none = a local Ray instance")
+    group.add_argument("--ray-workers", type=options.number(int, 1, 4096, "--ray-workers"), default=None,
+                       metavar="N", help="with --ray: this many workers instead of one per GPU/node")
+
+
+def add_image_job_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser, "image")
+    from mlx_sdxs.jobs.plan import seed_list
+
+    group = parser.add_argument_group("bulk images")
+    group.add_argument("--prompts-file", "--prompts", dest="prompts_file", type=Path, default=None, metavar="FILE",
+                       help="UTF-8, one prompt per line ('#' comments): every prompt × seed into --out-dir")
+    group.add_argument("--seeds", type=seed_list, default=None, metavar="0-3|0,5,9",
+                       help="several random seeds (ranges inclusive): every prompt × seed into --out-dir")
+    group.add_argument("--batch-size", type=options.number(int, 1, 256, "--batch-size"), default=None, metavar="N",
+                       help="images per model call in a bulk run (default: the pipeline's)")
+
+
+def _bulk(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for a bulk run (then --out-dir is needed)."""
+    asked = [flag for flag, value in (("--prompts-file", args.prompts_file), ("--seeds", args.seeds),
+                                      ("--ray", args.ray), ("--batch-size", args.batch_size)) if value]
+    if getattr(args, "input", None) is not None and (len(args.input) > 1 or args.input[0].is_dir()):
+        asked.append("several inputs")
+    if asked and args.out_dir is None:
+        raise SDXSError(f"{', '.join(asked)}: a bulk run writes into a folder; add --out-dir DIR")
+    return args.out_dir is not None
+
+
+def _pool(args: argparse.Namespace):
+    """The bulk run's workers: Ray actors with --ray, else this process."""
+    if args.ray is not None:
+        from mlx_sdxs.jobs.cluster import RayPool
+
+        return RayPool(_choice(args), args.ray, args.ray_workers)
+    from mlx_sdxs.jobs.run import LocalPool
+    from mlx_sdxs.jobs.work import Worker
+
+    return LocalPool(Worker(_choice(args)), getattr(args, "streams", 1))
+
+
+def cmd_bulk_images(args: argparse.Namespace, kind: str) -> int:
+    from mlx_sdxs.camera.prompts import load_prompts
+    from mlx_sdxs.jobs import plan
+    from mlx_sdxs.jobs.run import run_images
+    from mlx_sdxs.pipeline import DEFAULT_BATCH_SIZE
+
+    if args.prompt is not None and args.prompts_file is not None:
+        raise SDXSError("--prompt and --prompts-file: give one")
+    prompts = load_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
+    seeds = args.seeds or (args.seed,)
+    if kind == "txt2img":
+        tasks = plan.txt2img_tasks(prompts, seeds)
+    else:
+        tasks = plan.img2img_tasks(plan.image_inputs(args.input), prompts, seeds)
+    control = _control(args)
+    job = plan.ImageJob(kind, args.model or hub.DEFAULT_MODEL, args.size, tasks, args.batch_size or DEFAULT_BATCH_SIZE,
+                        getattr(args, "strength", None), control.get("control_image"),
+                        str(args.control_image.resolve()) if control else None, control.get("control_strength"))
+    run_images(job, args.out_dir, lambda: _pool(args))
+    return 0
+
+
+def _prompt_needed(args: argparse.Namespace) -> None:
+    if args.prompt is None:
+        raise SDXSError(f"{args.command} needs --prompt TEXT (or --prompts-file FILE with --out-dir)")
+
+
 def cmd_txt2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.backends import load_pipeline
     from mlx_sdxs.imageio import write_image
 
+    if _bulk(args):
+        return cmd_bulk_images(args, "txt2img")
+    _prompt_needed(args)
     control = _control(args)
     pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
@@ -85,13 +161,66 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.backends import load_pipeline
     from mlx_sdxs.imageio import read_image, write_image
 
-    image = read_image(args.input)
+    if _bulk(args):
+        return cmd_bulk_images(args, "img2img")
+    _prompt_needed(args)
+    image = read_image(args.input[0])
     control = _control(args)
     pipeline = load_pipeline(_choice(args))
     start = time.perf_counter()
     result = pipeline.img2img(image, args.prompt, strength=args.strength, seed=args.seed, size=args.size, **control)
     _generated(pipeline, args, time.perf_counter() - start)
     write_image(args.output, _labelled(result, pipeline.label))
+    return 0
+
+
+def _render_side(text: str) -> int:
+    width, height = options.size_pair("--render-side", options.SIDES)(text)
+    if width != height:
+        raise argparse.ArgumentTypeError(f"--render-side is one number (the longer side), got {text!r}")
+    return width
+
+
+def add_stylize_arguments(parser: argparse.ArgumentParser) -> None:
+    from mlx_sdxs.knobs import RECIPE_KNOBS
+    from mlx_sdxs.recipe import RecipeSettings
+
+    parser.add_argument("videos", type=Path, nargs="+", metavar="VIDEO", help="video files (any format FFmpeg reads)")
+    add_job_arguments(parser, "video")
+    parser.add_argument("--streams", type=options.number(int, 1, 64, "--streams"), default=4, metavar="N",
+                        help="videos stylised at once, their frames run as one batch (default 4; with --ray: one "
+                             "video per worker)")
+    style = parser.add_argument_group("style (the camera recipe's knobs, fixed for the whole video)")
+    style.add_argument("--seed", type=int, default=RecipeSettings.seed,
+                       help=f"random seed of the fixed noise (default {RecipeSettings.seed}, as the demo)")
+    style.add_argument("--seed-b", type=int, default=None,
+                       help="a second random seed: the noise sits on the slerp between the two (--seed-blend)")
+    style.add_argument("--prompt", required=True, help="the style of every frame")
+    for name in RECIPE_KNOBS:
+        if name != "prompt":  # (its help is the live session's)
+            options.add_knob_argument(style, KNOBS[name], live=False)
+    style.add_argument("--strength", type=options.number(float, 0.02, 1.0, "--strength"), default=None,
+                       help="img2img strength for strength-based models (SD-Turbo); unset = the model's one step")
+    style.add_argument("--render-side", type=_render_side, default=None, metavar="N",
+                       help="the render size's longer side (a multiple of 64); the other follows the video's aspect. "
+                            "Default: 512 on a GPU, 256 on a CPU. Output frames are resized back to the video's size")
+    options.add_model_arguments(parser)
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    from mlx_sdxs.camera.session import default_render_size
+    from mlx_sdxs.jobs import plan
+    from mlx_sdxs.jobs.run import run_videos
+    from mlx_sdxs.jobs.video import require_av
+
+    require_av()
+    if args.out_dir is None:
+        raise SDXSError("stylize writes into a folder: add --out-dir DIR")
+    job = plan.VideoJob(args.model or hub.DEFAULT_MODEL, plan.video_tasks(args.videos), args.prompt,
+                        args.render_side or default_render_size(args)[0], args.prompt_b, args.prompt_blend,
+                        args.seed, args.seed_b, args.seed_blend, args.feedback, args.strength,
+                        args.control or "edges", args.control_strength)
+    run_videos(job, args.out_dir, lambda: _pool(args))
     return 0
 
 
@@ -105,17 +234,34 @@ def open_stream_backend(args: argparse.Namespace):
                               strength=args.strength, seed_b=args.seed_b,
                               seed_blend=args.seed_blend if args.seed_b is not None else 0.0,
                               control=args.control, control_strength=args.control_strength)
-    return open_backend(_choice(args), settings)
+    recipe = open_backend(_choice(args), settings)
+    if args.command != "studio":
+        return recipe
+    from mlx_sdxs.backends.batcher import StreamBatcher
+
+    # The studio's visitors each get a stream of their own, batched with the host's on the device.
+    batcher = StreamBatcher(recipe, streams=args.max_streams + 1)
+    batcher.start()
+    return batcher.host
+
+
+def _osc(args: argparse.Namespace) -> list:
+    """The OSC control surface's hook, when --osc-port asks for one."""
+    if args.osc_port is None:
+        return []
+    from mlx_sdxs.osc import osc_hook
+
+    return [osc_hook(args.osc_host, args.osc_port)]
 
 
 def cmd_camera(args: argparse.Namespace) -> int:
     from mlx_sdxs.camera.app import run_camera
 
-    attach = None
+    attach = _osc(args)
     if args.preview_port is not None:
         from mlx_sdxs.studio import server_hook
 
-        attach = server_hook(args, studio=False)
+        attach.insert(0, server_hook(args, studio=False))
     return run_camera(args, open_stream_backend, attach=attach)
 
 
@@ -123,7 +269,9 @@ def cmd_studio(args: argparse.Namespace) -> int:
     from mlx_sdxs.camera.app import run_camera
     from mlx_sdxs.studio import server_hook
 
-    return run_camera(args, open_stream_backend, studio=True, attach=server_hook(args, studio=True))
+    if args.max_streams is None:
+        args.max_streams = options.DEFAULT_MAX_STREAMS["gpu" if runtime.on_gpu() else "cpu"]
+    return run_camera(args, open_stream_backend, studio=True, attach=[server_hook(args, studio=True), *_osc(args)])
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -206,22 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("txt2img", help="one-step text-to-image")
     add_generation_arguments(p, Path("sdxs.png"))
+    add_image_job_arguments(p)
     p.set_defaults(run=cmd_txt2img)
 
     p = sub.add_parser("img2img", help="one-step image-to-image (centre crop to the output's aspect)")
-    p.add_argument("input", type=Path, help="input image (PNG/JPEG/…; grayscale, RGBA and 16-bit are converted)")
+    p.add_argument("input", type=Path, nargs="+", help="input image (PNG/JPEG/…; grayscale, RGBA and 16-bit are "
+                   "converted); several images or folders of them with --out-dir")
     p.add_argument("--strength", type=options.number(float, 0.02, 1.0, "--strength"), default=None,
                    help="noise strength in [0.02, 1]; unset = the model's one step (SDXS: t=999). "
                         "SDXS degrades below 1: use stabilityai/sd-turbo for strength img2img")
     add_generation_arguments(p, Path("sdxs-img2img.png"))
+    add_image_job_arguments(p)
     p.set_defaults(run=cmd_img2img)
+
+    p = sub.add_parser("stylize", help="whole videos, every frame through the camera recipe, sound kept")
+    add_stylize_arguments(p)
+    p.set_defaults(run=cmd_stylize)
 
     p = sub.add_parser("camera", help="live camera img2img (3 threads: capture → inference → display)")
     options.add_stream_arguments(p)
     p.add_argument("--no-window", "--headless", dest="window", action="store_false",
                    help="no OpenCV window (a status line instead; stop with Ctrl-C, --max-frames or --duration)")
     p.add_argument("--preview-port", type=options.number(int, 0, 65535, "--preview-port"), default=None,
-                   help="also serve the studio page on http://127.0.0.1:PORT/ (0 = any free port; studio extra)")
+                   help=f"also serve the studio page on http://{loopback.HOST}:PORT/ (0 = any free port; studio extra)")
     p.set_defaults(run=cmd_camera)
 
     p = sub.add_parser("studio", help="the live demo in a browser, with the visitor's own webcam (studio extra)")
@@ -297,10 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        smoke.shrink(args)
         runtime.select_kernels(getattr(args, "kernels", None))
         return args.run(args)
     except SDXSError as exc:
-        print(f"mlx-sdxs: error: {exc}", file=sys.stderr)
+        hint = " (here: --model PATH, or --model random)" if isinstance(exc, ModelUnavailable) else ""
+        print(f"mlx-sdxs: error: {exc}{hint}", file=sys.stderr)
         return 1
     except MemoryError as exc:
         print(f"mlx-sdxs: error: out of memory during `{command}`{f' ({exc})' if str(exc) else ''}; "

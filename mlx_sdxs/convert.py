@@ -4,7 +4,8 @@ Layout written (`dst`):
     model_index.json, mlx_sdxs.json (what was converted, from where, in which dtype)
     unet/ vae/ text_encoder/      config.json + model.safetensors (MLX layout, see `weights`)
     controlnet/                   the same, for a model with a ControlNet (SDXS-512-DreamShaper Sketch)
-    tokenizer/ scheduler/         copied as they are
+    tokenizer/ scheduler/         copied as they are (the tokenizer checked to load: tokenizer.json, as
+                                  transformers 5 saves it, or vocab.json + merges.txt)
 
 Everything is written into a sibling temp folder and renamed into place at the end, so an
 interrupted conversion (Ctrl-C, disk full) never leaves a half-written `dst`.
@@ -25,6 +26,7 @@ from mlx_sdxs import presets
 from mlx_sdxs import weights as W
 from mlx_sdxs.errors import SDXSError, WeightsError
 from mlx_sdxs.runtime import DTYPES
+from mlx_sdxs.tokenizer import load_tokenizer
 
 # No tqdm monitor thread: a conversion is one pass, and threads must not outlive the work that made them.
 tqdm.monitor_interval = 0
@@ -116,6 +118,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float32",
     missing = [str(folder) for folder in sources.values() if not folder.is_dir()]
     if missing:
         raise WeightsError(f"{src}: checkpoint lacks component folder(s): {', '.join(missing)}")
+    load_tokenizer(sources["tokenizer"])  # a tokenizer the pipeline could not read is refused before any work
     with atomic_dir(dst) as tmp:
         for component in converted:
             (tmp / component).mkdir()

@@ -35,6 +35,14 @@ class BackendUnavailable(SDXSError):
     """An inference backend cannot run on this machine (e.g. CoreML prediction off macOS)."""
 
 
+class ModelUnavailable(SDXSError):
+    """A Hub model is neither reachable nor in the Hugging Face cache (offline, nothing cached)."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A known model could not be had, so random weights in its shape stand in for it (see `hub.random_stand_in`)."""
+
+
 def read_json(path: Path, missing: str, error: type[SDXSError] = ConfigError) -> Any:
     """The parsed file; `missing` says what should be there (WeightsError), `error` is raised for bad JSON."""
     path = Path(path)

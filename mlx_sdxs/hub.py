@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_sdxs import convert as C
+from mlx_sdxs import presets
 from mlx_sdxs.runtime import DTYPES
-from mlx_sdxs.errors import SDXSError, WeightsError
+from mlx_sdxs.errors import ModelUnavailable, RandomWeightsWarning, WeightsError
 
 DEFAULT_MODEL = "IDKiro/sdxs-512-0.9"
 
@@ -33,7 +35,7 @@ class FamilyModel:
 
 #: IDKiro/sdxs (arXiv 2403.16627): the four 512 models. Their Hub repo ids work as names too.
 FAMILY = {
-    "sdxs-512-0.9": FamilyModel("IDKiro/sdxs-512-0.9", what="text-to-image, CLIP-H (the default)"),
+    "sdxs-512-0.9": FamilyModel(DEFAULT_MODEL, what="text-to-image, CLIP-H (the default)"),
     "sdxs-512-dreamshaper": FamilyModel("IDKiro/sdxs-512-dreamshaper", what="text-to-image, CLIP-L, DreamShaper style"),
     "sdxs-512-dreamshaper-anime": FamilyModel("IDKiro/sdxs-512-dreamshaper", lora="IDKiro/sdxs-512-dreamshaper-anime",
                                               what="DreamShaper + its anime LoRA (PEFT)"),
@@ -56,6 +58,33 @@ def family_model(model: str | None) -> FamilyModel | None:
     """The family model `model` names (see `family_name`), or None."""
     name = family_name(model)
     return None if name is None else FAMILY[name]
+
+
+def known_preset(model: str) -> str | None:
+    """The shipped preset in `model`'s shape, for a known model (`KNOWN_MODELS`, a family name or repo id); a model
+    that only adds a LoRA has its base's shape. None for any other model."""
+    family = family_model(model)
+    if family is not None:
+        return family_name(family.base if family.lora else model)
+    return model.rsplit("/", 1)[-1] if model in KNOWN_MODELS else None
+
+
+def random_stand_in(model: str | None, error: ModelUnavailable) -> str:
+    """The offline rule, one for every command and the API: a known model (`known_preset`; None is the default
+    model) that can be neither reached nor found in the cache (`error`) runs as random weights in its own shape —
+    the `presets.RANDOM_MODELS` name returned here, without a family model's LoRA — with a `RandomWeightsWarning`
+    (a printed line in the CLI) and the random-weights label on every output. Anything else (an unknown repo id, a
+    missing local path) stays an error: `error` is raised."""
+    model = model or DEFAULT_MODEL
+    preset = known_preset(model)
+    if preset is None:
+        raise error
+    stand_in = presets.random_model(preset)
+    warnings.warn(RandomWeightsWarning(
+        f"model {model!r} cannot be reached or found in the Hugging Face cache: running {stand_in!r} instead, "
+        f"random weights in its shape — NOT a trained model (every output says {presets.RANDOM_LABEL!r})"),
+        stacklevel=3)
+    return stand_in
 
 # Only what mlx-sdxs reads: configs, tokenizer files and full-precision safetensors (no .bin, no
 # fp16 variants, no safety checker / feature extractor).
@@ -116,17 +145,17 @@ def is_repo_id(model: str) -> bool:
     return "/" in model and not model.startswith((".", "/", "~"))
 
 
-def _not_a_model(model: str) -> WeightsError:
-    return WeightsError(f"{model}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}")
+def _not_a_model(model: str, what: str = "model") -> WeightsError:
+    return WeightsError(f"{what} {model!r}: no such folder, and not a Hub repo id like {DEFAULT_MODEL!r}")
 
 
-def checkpoint_folder(model: str, offline: bool | None = None) -> Path:
+def checkpoint_folder(model: str, offline: bool | None = None, what: str = "model") -> Path:
     """A diffusers checkpoint given as a local folder, or as a Hub repo id (downloaded, or found in the cache)."""
     path = Path(model).expanduser()
     if path.exists():
         return path
     if not is_repo_id(model):
-        raise _not_a_model(model)
+        raise _not_a_model(model, what)
     return download(model, offline)
 
 
@@ -138,13 +167,13 @@ def download(repo_id: str, offline: bool | None = None, allow: list[str] = _ALLO
     try:
         folder = snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=_IGNORE, local_files_only=bool(offline))
     except HFValidationError:
-        raise _not_a_model(repr(repo_id)) from None
+        raise _not_a_model(repo_id, "repo") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as exc:
-        raise SDXSError(
-            f"model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}). "
-            f"Provide it as a local diffusers checkpoint folder or a converted weights folder (--model PATH), "
-            f"run `mlx-sdxs download {repo_id}` where there is internet and copy the cache "
-            f"(~/.cache/huggingface/hub) here, or use `--model random` (random weights, not a trained model)."
+        raise ModelUnavailable(
+            f"{repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached ({type(exc).__name__}). "
+            "Give the model as a local diffusers checkpoint folder or a converted weights folder, fetch it where "
+            f"there is internet (`mlx-sdxs download {repo_id}`) and copy the cache (~/.cache/huggingface/hub) here, "
+            "or use the model 'random' (random weights, not a trained model)."
         ) from None
     return Path(folder)
 
@@ -155,13 +184,13 @@ def lora_path(source: str, offline: bool | None = None) -> Path:
     if path.exists():
         return path
     if not is_repo_id(source):
-        raise WeightsError(f"--lora {source}: no such file or folder, and not a Hub repo id")
+        raise WeightsError(f"LoRA {source!r}: no such file or folder, and not a Hub repo id")
     folder = download(source, offline, _LORA_ALLOW)
     if (folder / "adapter_config.json").is_file():
         return folder
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
-        raise WeightsError(f"--lora {source}: expected a PEFT adapter or one .safetensors file in the repo, "
+        raise WeightsError(f"LoRA {source!r}: expected a PEFT adapter or one .safetensors file in the repo, "
                            f"found {[f.name for f in files]}")
     return files[0]
 
@@ -193,7 +222,7 @@ def resolve(model: str, dtype: str = "float32", vae: str | None = None, weights_
         existing = find_converted(weights_root, name, dtype)
         source = None if existing else download(model, offline)
     else:
-        raise _not_a_model(f"--model {model!r}")
+        raise _not_a_model(model)
     if existing is not None:
         return existing
     return _convert(source, weights_root / f"{name}-{dtype}", dtype, vae, offline)
@@ -223,10 +252,10 @@ def _vae_folder(vae: str, checkpoint: Path, offline: bool | None) -> Path:
     repo keeps the VAE at its root)."""
     if vae == LARGE_VAE:
         if not (checkpoint / "vae_large").is_dir():
-            raise WeightsError(f"{checkpoint}: --vae large needs the checkpoint's vae_large/ folder, which it has not "
+            raise WeightsError(f"{checkpoint}: vae {LARGE_VAE!r} needs the checkpoint's vae_large/ folder, which it has not "
                                "(SDXS-512-DreamShaper and SDXS-512-0.9 ship one)")
         return checkpoint / "vae_large"
-    source = checkpoint_folder(vae, offline)
+    source = checkpoint_folder(vae, offline, "vae")
     return source / "vae" if (source / "vae").is_dir() else source
 
 

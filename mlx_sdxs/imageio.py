@@ -70,14 +70,20 @@ def header_size(head: bytes) -> tuple[int, int] | None:
 def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     """Encode by extension and write via a temp file + rename, so a failure never leaves a partial file."""
     path = Path(path)
+    atomic_write_bytes(path, encode_image(path, rgb))
+    return path
+
+
+def encode_image(path: str | Path, rgb: np.ndarray) -> bytes:
+    """RGB uint8 → the bytes of the format `path`'s extension names (PNG without one)."""
+    path = Path(path)
     try:
         ok, encoded = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     except cv2.error:  # OpenCV raises, rather than returning False, for an extension it has no encoder for
         ok = False
     if not ok:
         raise ImageError(f"{path}: cannot encode an image with extension {path.suffix!r}")
-    atomic_write_bytes(path, encoded.tobytes())
-    return path
+    return encoded.tobytes()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -2,12 +2,12 @@
 
 Two layouts are read, both without PyTorch:
 - PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`, as IDKiro/sdxs-512-dreamshaper-anime
-  ships): keys `base_model.model.<module>.lora_A.weight` / `lora_B.weight` for the UNet (or, with a
-  `text_model.` module, the text encoder); r, lora_alpha, rank_pattern / alpha_pattern and rsLoRA from the
-  config;
+  ships): keys `base_model.model.<module>.lora_A.weight` / `lora_B.weight`; r, lora_alpha, rank_pattern /
+  alpha_pattern and rsLoRA from the config;
 - the kohya / A1111 `.safetensors` layout of style LoRAs for SD-1.5 checkpoints such as DreamShaper:
-  `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and `lora_te_…` for the
-  text encoder.
+  `<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+Which model layer a `<module>` names is checkpoint-key knowledge, kept in `weights` (`peft_layer`,
+`kohya_layer`, `kohya_spellings`); this module reads the formats' own factor names.
 
 A LoRA is applied in memory, never written into a converted folder: a converted model is always the
 base model. Keys that name no layer of the model, and factors whose shape does not fit the layer they
@@ -26,27 +26,25 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_sdxs.errors import ConfigError, WeightsError, read_json
-from mlx_sdxs.weights import adapt_layout
+from mlx_sdxs.weights import KOHYA_PREFIXES, adapt_layout, kohya_layer, kohya_spellings, peft_layer
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 #: PEFT config fields that change what the update means (not W + scale·B·A on one layer): refused, never mis-merged.
 _PEFT_VARIANTS = ("use_dora", "fan_in_fan_out", "use_qalora", "alora_invocation_tokens", "use_bdlora",
                   "kasa_config", "velora_config", "arrow_config", "lora_bias")
-#: What a LoRA's module names say for each component, in the layouts above.
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _SHOWN = 5
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """`--lora FILE_OR_REPO[:SCALE]`: a LoRA and the strength it is merged at (default 1)."""
+    """A LoRA spec, "FILE_OR_REPO[:SCALE]": a LoRA and the strength it is merged at (default 1)."""
 
     source: str
     scale: float = 1.0
 
     def __post_init__(self):
         if not math.isfinite(self.scale):
-            raise ConfigError(f"LoRA {self.source}: scale {self.scale} is not a finite number")
+            raise ConfigError(f"LoRA spec {self.source}: scale {self.scale} is not a finite number")
 
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
@@ -152,11 +150,9 @@ def _read_peft(folder: Path) -> dict[tuple[str, str], Factors]:
             raise WeightsError(f"{weights_file}: {key!r} has rank {tensors[key].shape[0]}, but the config says "
                                f"r = {rank:g} for {module}")
         factor = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        # CLIP's layers are `text_model.encoder.…` (transformers 4) or `encoder.…` (5); the UNet has no `encoder`.
-        component = "text_encoder" if module.startswith(("text_model.", "encoder.")) else "unet"
         pair = Factors(tensors[key], tensors[up_key], factor)
         pair.check(str(weights_file), key)
-        factors[component, module.removeprefix("text_model.")] = pair
+        factors[peft_layer(module)] = pair
     return _nonempty(factors, weights_file)
 
 
@@ -179,9 +175,10 @@ def _read_kohya(file: Path) -> dict[tuple[str, str], Factors]:
                 raise WeightsError(f"{file}: {key!r} has no {key[: suffix.start()]}.lora_down.weight")
             continue
         name = key.removesuffix(".lora_down.weight")
-        prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
-        if prefix is None:
-            raise WeightsError(f"{file}: {key!r} names neither the UNet (lora_unet_) nor the text encoder (lora_te_)")
+        layer = kohya_layer(name)
+        if layer is None:
+            raise WeightsError(f"{file}: {key!r} names neither the UNet nor the text encoder (its name starts with "
+                               f"none of {', '.join(KOHYA_PREFIXES)})")
         if f"{name}.lora_up.weight" not in tensors:
             raise WeightsError(f"{file}: {key!r} has no {name}.lora_up.weight")
         down = tensors[key]
@@ -191,7 +188,8 @@ def _read_kohya(file: Path) -> dict[tuple[str, str], Factors]:
             raise WeightsError(f"{file}: {name}.alpha has shape {np.shape(alpha)}, not one number")
         pair = Factors(down, tensors[f"{name}.lora_up.weight"], float(np.reshape(alpha, ())) / rank)
         pair.check(str(file), key)
-        factors[_KOHYA_PREFIXES[prefix], "~" + name.removeprefix(prefix)] = pair
+        component, spelling = layer
+        factors[component, "~" + spelling] = pair
     return _nonempty(factors, file)
 
 
@@ -201,10 +199,8 @@ def _layers(model: nn.Module, component: str) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if "weight" in module and isinstance(module.weight, mx.array) and module.weight.ndim in (2, 4):
             layers[name] = module
-            kohya = name.replace(".", "_")
-            layers["~" + kohya] = module
-            if component == "text_encoder":  # kohya spells CLIP's layers `text_model_encoder_…`
-                layers["~text_model_" + kohya] = module
+            for spelling in kohya_spellings(component, name):
+                layers["~" + spelling] = module
     return layers
 
 

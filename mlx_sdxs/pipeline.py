@@ -15,11 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sdxs import frames, hub, lora, presets, runtime
-from mlx_sdxs.errors import ConfigError, ImageError
+from mlx_sdxs import frames, hub, lora, presets, runtime, smoke
+from mlx_sdxs.errors import ConfigError, ImageError, ModelUnavailable, RandomWeightsWarning
 from mlx_sdxs.models.unet import Conditioning
 from mlx_sdxs.lora import LoraSpec
-from mlx_sdxs.recipe import DEFAULT_CONTROL_STRENGTH, LATENT_SCALE, Recipe, RecipeSettings, seed_noise
+from mlx_sdxs.recipe import (DEFAULT_CONTROL_STRENGTH, LATENT_SCALE, Recipe, RecipeSettings, StreamGroup, one_step,
+                             seed_noise)
 from mlx_sdxs.scheduler import OneStepScheduler, SchedulerConfig
 from mlx_sdxs.tokenizer import CLIPTokenizer, byte_level_tokenizer, load_tokenizer
 from mlx_sdxs.weights import (build_model, load_controlnet, load_text_encoder, load_unet, load_vae, parameter_dtype,
@@ -27,9 +28,45 @@ from mlx_sdxs.weights import (build_model, load_controlnet, load_text_encoder, l
 
 SDXS_MUD_WARNING = (
     "SDXS is distilled for t=999 only: img2img at strength < 1 degrades to 'mud' (IDKiro/sdxs issues #10, #24). "
-    "Use stabilityai/sd-turbo for strength-based img2img, or leave --strength unset for SDXS."
+    "Use stabilityai/sd-turbo for strength-based img2img, or leave the strength unset for SDXS."
 )
 _PROMPT_CACHE_SIZE = 32
+#: Images per forward of the list API: batching gains little past the point where the device is busy, and a
+#: 512² batch of 4 keeps the UNet's activations to a few GiB.
+DEFAULT_BATCH_SIZE = 4
+#: What txt2img/img2img return: RGB uint8 images, or the clean latents before the VAE (diffusers' "latent").
+OUTPUT_TYPES = ("image", "latent")
+
+
+class GeneratedImage(np.ndarray):
+    """A result of txt2img/img2img: an `np.ndarray` to every caller, which also says whether random weights made
+    it (`random_weights`: then it shows noise, not the prompt). Views and copies keep the flag."""
+
+    random_weights: bool = False
+
+    @classmethod
+    def of(cls, array: np.ndarray, random_weights: bool) -> "GeneratedImage":
+        image = np.asarray(array).view(cls)
+        image.random_weights = random_weights
+        return image
+
+    def __array_finalize__(self, source: Any) -> None:
+        self.random_weights = getattr(source, "random_weights", False)
+
+
+def _per_image(**values: Any) -> tuple[bool, list[dict[str, Any]]]:
+    """The per-image arguments as one dict per image: a list or tuple gives each image its own value, anything
+    else serves every image. (Whether no argument was a list: a single call, rows.)"""
+    lists = {name: list(value) for name, value in values.items() if isinstance(value, (list, tuple))}
+    lengths = {len(value) for value in lists.values()}
+    if len(lengths) > 1:
+        given = ", ".join(f"{name}: {len(value)}" for name, value in lists.items())
+        raise ValueError(f"the lists must have one length, one value per image (got {given})")
+    count = lengths.pop() if lengths else 1
+    if count == 0:
+        raise ValueError(f"{', '.join(lists)}: an empty list makes no image")
+    return not lists, [{name: lists[name][i] if name in lists else value for name, value in values.items()}
+                       for i in range(count)]
 
 
 def check_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
@@ -85,7 +122,8 @@ class SDXSPipeline:
         self.scaling_factor = vae.config.scaling_factor
         # The UNet halves the latent once per level below the first: sizes must divide by this.
         self.size_multiple = LATENT_SCALE * 2 ** (len(unet.config.block_out_channels) - 1)
-        self._prompts: OrderedDict[str, mx.array] = OrderedDict()
+        self._prompts: OrderedDict[str, tuple[mx.array, bool]] = OrderedDict()
+        self._engine: MLXEngine | None = None
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -93,18 +131,25 @@ class SDXSPipeline:
                         weights_root: str | Path | None = None, offline: bool | None = None,
                         kernels: str | None = None, loras: Sequence[LoraSpec | str] = ()) -> "SDXSPipeline":
         """A Hub repo id, a family name (`hub.FAMILY`: with its ControlNet or LoRA), a local diffusers checkpoint,
-        a converted folder, or "random"/"random-tiny"; `loras` ("FILE_OR_REPO[:SCALE]" or `LoraSpec`) merged on top."""
+        a converted folder, or a random-weight model (`presets.RANDOM_MODELS`); `loras` ("FILE_OR_REPO[:SCALE]" or
+        `LoraSpec`) merged on top. A known model that cannot be had offline runs as random weights in its shape,
+        with a `RandomWeightsWarning` (`hub.random_stand_in`); `random_weights` then says so."""
         dtype = dtype or runtime.default_dtype()
-        specs = [LoraSpec.parse(s) if isinstance(s, str) else s for s in loras]
-        family = hub.family_model(model)
-        if family is not None and family.lora is not None:
-            specs.insert(0, LoraSpec(family.lora))
-        paths = [(hub.lora_path(spec.source, offline), spec) for spec in specs]
+        model = smoke.model(model)
+        paths = [(hub.lora_path(spec.source, offline), spec)
+                 for spec in (LoraSpec.parse(s) if isinstance(s, str) else s for s in loras)]
+        if model not in presets.RANDOM_MODELS:
+            family = hub.family_model(model)
+            try:
+                folder = hub.resolve(model, runtime.dtype_name(dtype), vae,
+                                     Path(weights_root) if weights_root else None, offline)
+                if family is not None and family.lora is not None:
+                    paths.insert(0, (hub.lora_path(family.lora, offline), LoraSpec(family.lora)))
+            except ModelUnavailable as exc:
+                model = hub.random_stand_in(model, exc)
         if model in presets.RANDOM_MODELS:
             pipeline = cls.random(model, dtype=dtype, kernels=kernels)
         else:
-            folder = hub.resolve(model, runtime.dtype_name(dtype), vae,
-                                 Path(weights_root) if weights_root else None, offline)
             pipeline = cls.from_weights(folder, dtype, name=model, kernels=kernels)
         pipeline.merge_loras(paths)
         return pipeline
@@ -127,7 +172,7 @@ class SDXSPipeline:
             OneStepScheduler(SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")),
             dtype,
             name=name or folder.name,
-            label=presets.RANDOM_LABEL if presets.is_random_checkpoint(folder) else None,
+            label=presets.weights_label(folder),
             controlnet=load_controlnet(controlnet, dtype, kernels) if controlnet is not None else None,
         )
         pipeline.merge_loras(loras)
@@ -140,11 +185,18 @@ class SDXSPipeline:
             lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, lora.read(path), spec.scale, str(path))
             self.name += f" + LoRA {spec.source}@{spec.scale:g}"
         self._prompts.clear()
+        self._engine = None  # its time conditioning predates the merge too
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether this is random weights (asked for, or standing in for a model offline), not a trained model."""
+        return self.label == presets.RANDOM_LABEL
 
     @classmethod
     def random(cls, model: str = "random", seed: int = 0, dtype: mx.Dtype | None = None,
                kernels: str | None = None) -> "SDXSPipeline":
-        """Random weights in a real checkpoint's shape, for running everything offline. Not a trained model."""
+        """Random weights in a real checkpoint's shape (`model`: a `presets.RANDOM_MODELS` name or a preset), for
+        running everything offline. Not a trained model."""
         preset = presets.RANDOM_MODELS.get(model, model)
         configs = presets.configs(preset)
         dtype = dtype or runtime.default_dtype()
@@ -156,21 +208,19 @@ class SDXSPipeline:
                    name=f"{model} ({preset} shape)", label=presets.RANDOM_LABEL, controlnet=models.get("controlnet"))
 
     # --- building blocks ---------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> mx.array:
-        """CLIP embeddings (1, 77, D) in float32, computed once per prompt and kept in a small LRU cache."""
+    def encode_prompt(self, prompt: str) -> tuple[mx.array, bool]:
+        """CLIP embeddings (1, 77, D) in float32 and whether the prompt was cut to the text encoder's window,
+        from one tokenisation; computed once per prompt and kept in a small LRU cache."""
         if prompt in self._prompts:
             self._prompts.move_to_end(prompt)
             return self._prompts[prompt]
-        if self.tokenizer.is_truncated(prompt):
-            warnings.warn(f"prompt is longer than the text encoder's {self.tokenizer.max_length} tokens and was "
-                          f"truncated: {prompt[:60]!r}…", stacklevel=2)
-        ids = mx.array(self.tokenizer([prompt]))
-        embeds = self.text_encoder(ids).astype(mx.float32)
+        ids, truncated = self.tokenizer.tokenize(prompt)
+        embeds = self.text_encoder(mx.array(ids)).astype(mx.float32)
         mx.eval(embeds)
-        self._prompts[prompt] = embeds
+        self._prompts[prompt] = embeds, truncated
         if len(self._prompts) > _PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
-        return embeds
+        return embeds, truncated
 
     def check_size(self, size: int | tuple[int, int]) -> tuple[int, int]:
         """(width, height), each a positive multiple of what the UNet's downsampling needs."""
@@ -190,76 +240,133 @@ class SDXSPipeline:
         """UNet-space latent → [-1, 1] NHWC image, float32."""
         return self.vae.decode((latent / self.scaling_factor).astype(self._vae_dtype)).astype(mx.float32)
 
-    def predict_noise(self, noisy: mx.array, timestep: int, embeds: mx.array,
-                      control: tuple[mx.array, float | mx.array] | None = None) -> mx.array:
-        """One UNet call (after the ControlNet's, given `control`: an RGB image in [0, 1], NHWC at the image
-        size, and its strength); inputs are cast to the UNet's dtype, ε comes back as float32."""
-        noisy, embeds, t = noisy.astype(self.dtype), embeds.astype(self.dtype), mx.array([timestep])
-        residuals = None
-        if control is not None:
-            residuals = self._controlnet()(noisy, t, embeds, control[0], control[1])
-        return self.unet(noisy, t, embeds, residuals).astype(mx.float32)
-
     def _controlnet(self) -> nn.Module:
         if self.controlnet is None:
             raise ConfigError(f"{self.name} has no ControlNet: a control image needs a model with one, e.g. "
-                              "--model sdxs-512-dreamshaper-sketch")
+                              "model 'sdxs-512-dreamshaper-sketch' (offline: its random stand-in "
+                              f"{presets.random_model('sdxs-512-dreamshaper-sketch')!r}, or 'random-tiny-sketch')")
         return self.controlnet
 
-    def _control(self, image: np.ndarray | None, strength: float,
-                 size: tuple[int, int]) -> tuple[mx.array, float] | None:
-        """`predict_noise`'s `control` for an RGB uint8 control image (as the ControlNet takes it: see
-        `frames.control_image`): the image fitted to `size`, NHWC in [0, 1], and its strength; None without one."""
-        if image is None:
+    def _control(self, batch: list[dict[str, Any]], size: tuple[int, int]) -> tuple[mx.array, mx.array] | None:
+        """`MLXEngine.predict_noise`'s `control` for a batch's RGB uint8 control images (as the ControlNet takes
+        them: see `frames.control_image`): the images fitted to `size`, NHWC in [0, 1], and their strengths as a
+        (B, 1, 1, 1) array; None without control images."""
+        if batch[0]["control_image"] is None:
             return None
-        self._controlnet()
-        frames.check_frame(image, "control image")
-        return mx.array(frames.fit(image, size)[None].astype(np.float32) / 255.0), strength
+        images = np.stack([frames.fit(row["control_image"], size) for row in batch]).astype(np.float32) / 255.0
+        strengths = np.array([row["control_strength"] for row in batch], np.float32).reshape(-1, 1, 1, 1)
+        return mx.array(images), mx.array(strengths)
 
     def noise(self, seed: int, size: int | tuple[int, int]) -> mx.array:
         return mx.array(seed_noise(seed, frames.as_size(size), self.latent_channels))
+
+    def _row_noise(self, row: dict[str, Any], size: tuple[int, int]) -> mx.array:
+        """A row's unit noise: its `noise` or its seed's."""
+        return self.noise(row["seed"], size) if row["noise"] is None else mx.array(row["noise"], dtype=mx.float32)
 
     @property
     def _vae_dtype(self) -> mx.Dtype:
         return parameter_dtype(self.vae)  # float32 under a float16 runtime when the VAE must upcast
 
     # --- user-facing generation ---------------------------------------------------------------
-    def txt2img(self, prompt: str, seed: int = 0, size: int | tuple[int, int] = 512,
-                noise: np.ndarray | None = None, control_image: np.ndarray | None = None,
-                control_strength: float = DEFAULT_CONTROL_STRENGTH) -> np.ndarray:
-        """One step from pure noise (guidance 0) → RGB uint8 (height, width, 3); with a ControlNet, guided by
-        `control_image` (RGB uint8 as the ControlNet takes it, e.g. white strokes on black for the Sketch
-        model: see `frames.control_image`) at `control_strength`."""
-        size = self.check_size(size)
-        control = self._control(control_image, control_strength, size)
-        latent = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
-        timestep = self.scheduler.one_step_timestep()
-        eps = self.predict_noise(latent, timestep, self.encode_prompt(prompt), control)
-        return frames.from_model_output(np.array(self.decode(self.scheduler.predict_x0(latent, eps, timestep))),
-                                        bgr=False)
+    def txt2img(self, prompt: str | Sequence[str], seed: int | Sequence[int] = 0, size: int | tuple[int, int] = 512,
+                noise: np.ndarray | Sequence[np.ndarray] | None = None,
+                control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+                control_strength: float | Sequence[float] = DEFAULT_CONTROL_STRENGTH,
+                batch_size: int = DEFAULT_BATCH_SIZE, output_type: str = "image") -> GeneratedImage | list[GeneratedImage]:
+        """One step from pure noise (guidance 0) → RGB uint8 (height, width, 3), as diffusers'
+        StableDiffusionPipeline makes it with the checkpoint's scheduler from the same noise (SDXS's Euler with
+        trailing spacing starts from σ_max·noise: the UNet sees √(1−ᾱ)·noise; see `scheduler`). With a
+        ControlNet, guided by `control_image` (RGB uint8 as the ControlNet takes it, e.g. white strokes on black
+        for the Sketch model: see `frames.control_image`) at `control_strength`.
 
-    def img2img(self, image: np.ndarray, prompt: str, strength: float | None = None, seed: int = 0,
-                size: int | tuple[int, int] = 512, noise: np.ndarray | None = None,
-                control_image: np.ndarray | None = None,
-                control_strength: float = DEFAULT_CONTROL_STRENGTH) -> np.ndarray:
-        """One step from an RGB uint8 image (centre-cropped to the aspect of `size`, resized) → RGB uint8.
-
-        `strength=None` runs at the model's one-step timestep (SDXS: t=999, as the camera does);
-        a strength in (0, 1] picks t = timesteps₅₀[int(50·(1−strength))] (SD-Turbo style). `control_image`
-        and `control_strength` as in `txt2img`.
+        A list of prompts, seeds, noises, control images or strengths (a single value serves every image) gives
+        a list of images, made `batch_size` at a time, each the image its single call makes. `noise`: unit
+        normal NHWC (1, h/8, w/8, C) instead of the seed's. `output_type="latent"`: the clean latent, float32
+        (1, h/8, w/8, C), before the VAE. Each result is a `GeneratedImage`, an `np.ndarray` that says whether
+        random weights made it.
         """
         size = self.check_size(size)
-        frames.check_frame(image, "RGB image")
+        timestep = self.scheduler.one_step_timestep()
+        single, rows = _per_image(prompt=prompt, seed=seed, noise=noise, control_image=control_image,
+                                  control_strength=control_strength)
+        images = self._generate(rows, size, timestep, lambda batch, noise: self.scheduler.start_noise(noise, timestep),
+                                batch_size, output_type)
+        return images[0] if single else images
+
+    def img2img(self, image: np.ndarray | Sequence[np.ndarray], prompt: str | Sequence[str],
+                strength: float | None = None, seed: int | Sequence[int] = 0, size: int | tuple[int, int] = 512,
+                noise: np.ndarray | Sequence[np.ndarray] | None = None,
+                control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+                control_strength: float | Sequence[float] = DEFAULT_CONTROL_STRENGTH,
+                batch_size: int = DEFAULT_BATCH_SIZE, output_type: str = "image") -> GeneratedImage | list[GeneratedImage]:
+        """One step from an RGB uint8 image (centre-cropped to the aspect of `size`, resized) → RGB uint8, as
+        diffusers' StableDiffusionImg2ImgPipeline makes it from the same noise: the image's latent noised to t
+        (√ᾱ·latent + √(1−ᾱ)·noise, what Euler's x0 + σ·noise scaled by 1/√(σ²+1) is), then the one step.
+
+        `strength=None` runs at the model's one-step timestep (SDXS: t=999, as the camera does; diffusers'
+        strength 1 with one step: the image still shows through, at √ᾱ₉₉₉ = 0.068); a strength in (0, 1] picks
+        t = timesteps₅₀[int(50·(1−strength))] (SD-Turbo style). Lists of images (and of the other per-image
+        arguments), `control_image`, `control_strength`, `batch_size` and `output_type` as in `txt2img`.
+        """
+        size = self.check_size(size)
         if strength is not None and strength < 1.0 and self.is_sdxs:
             warnings.warn(SDXS_MUD_WARNING, stacklevel=2)
-        control = self._control(control_image, control_strength, size)
         timestep = self.scheduler.one_step_timestep(strength)
-        latent = self.encode(mx.array(frames.to_model_input(image, size, bgr=False)))
-        noise = self.noise(seed, size) if noise is None else mx.array(noise, dtype=mx.float32)
-        noisy = self.scheduler.add_noise(latent, noise, timestep)
-        eps = self.predict_noise(noisy, timestep, self.encode_prompt(prompt), control)
-        return frames.from_model_output(np.array(self.decode(self.scheduler.predict_x0(noisy, eps, timestep))),
-                                        bgr=False)
+        single, rows = _per_image(image=image, prompt=prompt, seed=seed, noise=noise, control_image=control_image,
+                                  control_strength=control_strength)
+        for row in rows:
+            frames.check_frame(row["image"], "RGB image")
+
+        def start(batch: list[dict[str, Any]], noise: mx.array) -> mx.array:
+            images = np.concatenate([frames.to_model_input(row["image"], size, bgr=False) for row in batch])
+            return self.scheduler.add_noise(self.encode(mx.array(images)), noise, timestep)
+
+        images = self._generate(rows, size, timestep, start, batch_size, output_type)
+        return images[0] if single else images
+
+    def _generate(self, rows: list[dict[str, Any]], size: tuple[int, int], timestep: int,
+                  start: Callable[[list[dict[str, Any]], mx.array], mx.array], batch_size: int,
+                  output_type: str) -> list[GeneratedImage]:
+        """Each row's result, `batch_size` rows at a time: `start(rows, noise)` gives a batch's noisy latents,
+        then the recipe's one step (`recipe.one_step`) and, for images, the VAE. Every row is checked first."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if len({row["control_image"] is None for row in rows}) > 1:
+            raise ValueError("control_image: give one for every image or for none")
+        latent_shape = (1, size[1] // LATENT_SCALE, size[0] // LATENT_SCALE, self.latent_channels)
+        for row in rows:
+            if row["noise"] is not None and np.shape(row["noise"]) != latent_shape:
+                raise ValueError(f"noise must have the latent's shape {latent_shape} (NHWC), "
+                                 f"not {np.shape(row['noise'])}")
+            if row["control_image"] is not None:
+                self._controlnet()
+                frames.check_frame(row["control_image"], "control image")
+        self.scheduler.check_one_step()
+        if self.random_weights:
+            warnings.warn(RandomWeightsWarning(f"{self.name} has random weights, not a trained model: its images "
+                                               "are noise-like, whatever the prompt"), stacklevel=3)
+        embeds = {}
+        for prompt in dict.fromkeys(row["prompt"] for row in rows):
+            embeds[prompt], truncated = self.encode_prompt(prompt)
+            if truncated:
+                warnings.warn(f"prompt is longer than the text encoder's {self.tokenizer.max_length} tokens and was "
+                              f"truncated: {prompt[:60]!r}…", stacklevel=3)
+        engine = self._engine = self._engine or MLXEngine(self)
+        results = []
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first : first + batch_size]
+            noisy = start(batch, mx.concatenate([self._row_noise(row, size) for row in batch]))
+            conditioning = engine.condition(mx.concatenate([embeds[row["prompt"]] for row in batch]))
+            latents = one_step(engine, timestep, noisy, conditioning, self._control(batch, size))
+            if output_type == "latent":
+                outputs = [latent[None] for latent in np.array(latents)]
+            else:
+                outputs = [frames.from_model_output(image, bgr=False) for image in np.array(self.decode(latents))]
+            results += [GeneratedImage.of(output, self.random_weights) for output in outputs]
+        return results
 
     @property
     def is_sdxs(self) -> bool:
@@ -269,6 +376,27 @@ class SDXSPipeline:
         """The camera recipe on this pipeline (fixed noise, feedback, prompt morph)."""
         self.check_size(settings.render_size)
         return Recipe(MLXEngine(self), settings, prompt)
+
+    def stream_group(self, pad: bool | None = None) -> StreamGroup:
+        """Several camera streams on this pipeline, each with its own prompt, seed and knobs, their frames
+        run as batches of one compiled step (see `recipe.StreamGroup`; `pad`: see `recipe.batch_plan`,
+        default: on a GPU). Each stream's output is what it would get alone.
+
+        >>> import numpy as np
+        >>> pipe = SDXSPipeline.random("random-tiny")
+        >>> group = pipe.stream_group()
+        >>> fox = group.join(RecipeSettings(render_size=64), "a red fox")
+        >>> whale = group.join(RecipeSettings(render_size=64, seed=7, feedback=0.3), "a blue whale")
+        >>> webcam = np.zeros((120, 160, 3), np.uint8)      # uint8 BGR, any size: centre-cropped, resized
+        >>> out = group.process({fox: webcam, whale: webcam[::-1]})
+        >>> out[fox].shape, out[whale].dtype
+        ((64, 64, 3), dtype('uint8'))
+        >>> whale.set_prompt("a whale, oil painting")       # morphs over this stream's next frames; none cut off
+        ()
+        >>> out = group.process({whale: webcam})             # a stream with no new frame is left out
+        >>> group.leave(fox)
+        """
+        return StreamGroup(MLXEngine(self), pad)
 
     def describe(self) -> str:
         """dtype and kernel policy, for every output that reports timings."""
@@ -285,9 +413,11 @@ class MLXEngine:
     """The recipe's engine on an `SDXSPipeline`: NHWC `mx.array`s, lazily built, evaluated by `sync`.
 
     A frame is one `mx.compile`d function (`frame_step`): uint8 in, uint8 out, every elementwise chain fused;
-    MLX retraces it for a new render size and never for a knob, whose values come in as arrays. What
-    depends only on the timestep (the time embedding's projections) is computed once per stream, and
-    what depends only on the conditioning (each cross-attention's keys and values) once per change.
+    MLX retraces it for a new batch size or render size and never for a knob, whose values come in as
+    arrays. What depends only on the timestep (the time embedding's projections) is computed once per
+    engine, and what depends only on the conditioning (each cross-attention's keys and values) once per
+    change. A batch of streams is padded to a bucket only on a GPU, where the device waits on the host and
+    a padded row costs little (`recipe.batch_plan`); on the CPU it is split instead.
 
     MLX graphs belong to the stream of the thread that built them. Once this engine is used inside a
     `runtime.thread_stream()` (the camera's inference thread), a call from any other thread raises
@@ -300,6 +430,7 @@ class MLXEngine:
         self.latent_channels = pipeline.latent_channels
         self.label = pipeline.label
         self._owner: runtime.OwnedStream | None = None
+        self.pad_batches = runtime.on_gpu()
         self._time: dict[tuple[int, int], list[mx.array]] = {}
         #: The networks that take a conditioning: the UNet, and the ControlNet when there is one.
         self._networks = [pipeline.unet] + ([pipeline.controlnet] if pipeline.controlnet is not None else [])
@@ -320,25 +451,26 @@ class MLXEngine:
         self._owner = current
 
     def frame_step(self, step: Callable) -> Callable:
-        """`step` (`recipe.denoise`) compiled whole, with this engine bound and the feedback as an array."""
+        """`step` (`recipe.denoise`) compiled whole with this engine bound: traced once per batch size, render
+        size and timestep (every other input is an array)."""
         compiled = mx.compile(lambda timestep, *arrays: step(self, timestep, *arrays))
 
-        def run(engine, timestep: int, frame, previous, noise, feedback: float, conditioning, control=None, clock=None):
-            if control is not None:
-                control = (control[0], mx.array(control[1], dtype=mx.float32))
-            return compiled(timestep, frame, previous, noise, mx.array(feedback, dtype=mx.float32), conditioning,
-                            control)
+        def run(engine, timestep: int, frames, previous, noise, feedback, conditioning, control=None, clock=None):
+            return compiled(timestep, frames, previous, noise, feedback, conditioning, control)
 
         return run
 
-    def upload(self, frame: np.ndarray) -> mx.array:
-        return mx.array(frame)
+    def check_size(self, size: tuple[int, int]) -> None:
+        self.pipeline.check_size(size)
 
-    def image_in(self, frame: mx.array) -> mx.array:
-        return frame[None, :, :, ::-1].astype(mx.float32) * (2.0 / 255.0) - 1.0
+    def upload(self, frames: np.ndarray) -> mx.array:
+        return mx.array(frames)
+
+    def image_in(self, frames: mx.array) -> mx.array:
+        return frames[..., ::-1].astype(mx.float32) * (2.0 / 255.0) - 1.0
 
     def image_out(self, image: mx.array) -> mx.array:
-        return mx.clip((image[0, :, :, ::-1] + 1.0) * 127.5 + 0.5, 0, 255).astype(mx.uint8)
+        return mx.clip((image[..., ::-1] + 1.0) * 127.5 + 0.5, 0, 255).astype(mx.uint8)
 
     def download(self, frame: mx.array) -> np.ndarray:
         mx.eval(frame)  # waits with the GIL released
@@ -349,6 +481,9 @@ class MLXEngine:
 
     def to_nhwc(self, array: mx.array) -> np.ndarray:
         return np.array(array)
+
+    def concat(self, arrays: Sequence[mx.array]) -> mx.array:
+        return mx.concatenate(arrays)
 
     def encode(self, image: mx.array) -> mx.array:
         return self.pipeline.encode(image)
@@ -376,11 +511,9 @@ class MLXEngine:
     def decode(self, latent: mx.array) -> mx.array:
         return self.pipeline.decode(latent)
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
-        return np.array(self.pipeline.encode_prompt(prompt))
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        return self.pipeline.tokenizer.is_truncated(prompt)
+    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, bool]:
+        embeds, truncated = self.pipeline.encode_prompt(prompt)
+        return np.array(embeds), truncated
 
     def from_embeds(self, embeds: np.ndarray) -> mx.array:
         return mx.array(embeds, dtype=mx.float32)

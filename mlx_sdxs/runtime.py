@@ -124,7 +124,7 @@ def _check_policy(policy: str, where: str) -> str:
 def select_kernels(policy: str | None) -> None:
     """Set this process's kernel policy (the CLI's `--kernels`); None returns to the environment's."""
     global _selected_policy
-    _selected_policy = None if policy is None else _check_policy(policy, "--kernels")
+    _selected_policy = None if policy is None else _check_policy(policy, "kernels")
 
 
 def requested_kernels() -> str:

@@ -12,6 +12,10 @@ which is backed by the `tokenizers` library (there is no separate slow class any
    keeping only the matches;
 4. bytes → printable unicode (GPT-2's table), BPE per word with `</w>` on the last symbol;
 5. `<|startoftext|> … <|endoftext|>`, truncate to `max_length`, pad with the pad token.
+
+The vocabulary and merges come from `tokenizer.json` (all that transformers 5 saves) or `vocab.json` +
+`merges.txt` (older saves, most Hub checkpoints); the pipeline above is CLIP's whichever file holds them,
+as transformers' CLIPTokenizer builds it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 from mlx_sdxs.errors import WeightsError, read_json
 
 MAX_LENGTH = 77
-_TOKENIZER_FILES = "a CLIP tokenizer folder needs vocab.json and merges.txt"
+TOKENIZER_JSON = "tokenizer.json"
+_TOKENIZER_FILES = f"a CLIP tokenizer folder needs {TOKENIZER_JSON}, or vocab.json and merges.txt"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -136,23 +141,25 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
-        """Read a diffusers/transformers `tokenizer/` folder: vocab.json, merges.txt, and the special tokens of
-        tokenizer_config.json / special_tokens_map.json when present."""
+        """Read a diffusers/transformers `tokenizer/` folder as transformers 5 does: the vocabulary and merges of
+        tokenizer.json when there is one, else of vocab.json + merges.txt; the special tokens of
+        tokenizer_config.json / special_tokens_map.json / tokenizer.json's `added_tokens` when present."""
         folder = Path(folder)
-        vocab = read_json(folder / "vocab.json", _TOKENIZER_FILES, WeightsError)
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-            raise WeightsError(f"{folder / 'vocab.json'}: expected a JSON object of token → integer id")
-        merges = _read_merges(folder / "merges.txt")
+        if (folder / TOKENIZER_JSON).is_file():
+            vocab, merges, saved_added = _read_tokenizer_json(folder / TOKENIZER_JSON)
+        else:
+            vocab, merges, saved_added = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt"), []
         config, special_map = (
             read_json(folder / name, _TOKENIZER_FILES, WeightsError) if (folder / name).is_file() else {}
             for name in ("tokenizer_config.json", "special_tokens_map.json")
         )
 
         # As transformers 5 reads them: special_tokens_map.json overrides tokenizer_config.json unless the latter
-        # has `added_tokens_decoder`, whose entries then override everything; bos, eos, unk, pad are added in
-        # this order and a later entry with the same text wins.
+        # has `added_tokens_decoder`, whose entries then override everything (without it, tokenizer.json's
+        # `added_tokens` take its place); bos, eos, unk, pad are added in this order and a later entry with the
+        # same text wins.
         if "added_tokens_decoder" not in config:
-            config = {**config, **special_map}
+            config = {**config, **special_map, "added_tokens_decoder": dict(enumerate(saved_added))}
         defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
         roles: dict[str, str] = {}
         added: dict[str, bool] = {}
@@ -223,16 +230,22 @@ class CLIPTokenizer:
         return self._split_added(prompt, self.raw_added, normalized_stretch)
 
     def is_truncated(self, prompt: str) -> bool:
-        """Whether `prompt` is longer than the text encoder's window (the pipeline prints a notice)."""
-        return len(self.encode(prompt)) > self.max_length - 2
+        """Whether `prompt` is longer than the text encoder's window."""
+        return self.tokenize(prompt)[1]
+
+    def tokenize(self, prompt: str) -> tuple[np.ndarray, bool]:
+        """`self(prompt)` and whether the prompt was truncated to fit, from one encoding."""
+        tokens = self.encode(prompt)
+        return self._rows([tokens]), len(tokens) > self.max_length - 2
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
         """(B, max_length) int32 ids: bos, the prompt truncated to max_length − 2 tokens, eos, then pad."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        batch = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
-        for row, prompt in enumerate(prompts):
-            ids = [self.bos_id, *self.encode(prompt)[: self.max_length - 2], self.eos_id]
+        return self._rows([self.encode(prompt) for prompt in ([prompts] if isinstance(prompts, str) else prompts)])
+
+    def _rows(self, encoded: list[list[int]]) -> np.ndarray:
+        batch = np.full((len(encoded), self.max_length), self.pad_id, dtype=np.int32)
+        for row, tokens in enumerate(encoded):
+            ids = [self.bos_id, *tokens[: self.max_length - 2], self.eos_id]
             batch[row, : len(ids)] = ids
         return batch
 
@@ -246,10 +259,28 @@ def _special_token(value: Any, folder: Path) -> tuple[str, bool]:
     raise WeightsError(f"{folder}: special token {value!r} is neither a string nor an AddedToken object")
 
 
+def _checked_vocab(vocab: Any, where: str) -> dict[str, int]:
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise WeightsError(f"{where}: expected a JSON object of token → integer id")
+    return vocab
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    return _checked_vocab(read_json(path, _TOKENIZER_FILES, WeightsError), str(path))
+
+
+def _merge_pair(merge: Any) -> tuple[str, str] | None:
+    """A merge as `tokenizers` saves it, "left right" or ["left", "right"] → the pair; None when malformed."""
+    pair = merge.split(" ") if isinstance(merge, str) else merge
+    if isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair):
+        return pair[0], pair[1]
+    return None
+
+
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     """merges.txt: an optional `#version` line, then one `left right` pair per line."""
     if not path.is_file():
-        raise WeightsError(f"{path}: missing (a CLIP tokenizer folder needs vocab.json and merges.txt)")
+        raise WeightsError(f"{path}: missing ({_TOKENIZER_FILES})")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -258,17 +289,46 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     for number, line in enumerate(lines, start=1):
         if not line or (number == 1 and line.startswith("#version")):
             continue
-        pair = line.split(" ")
-        if len(pair) != 2 or not all(pair):
+        pair = _merge_pair(line)
+        if pair is None:
             raise WeightsError(f"{path}: line {number} is not a 'left right' merge pair: {line!r}")
-        merges.append((pair[0], pair[1]))
+        merges.append(pair)
     return merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[Any]]:
+    """tokenizer.json (the `tokenizers` library's file): its BPE model's vocab and merges, and its added tokens.
+
+    Only those are read: transformers' CLIPTokenizer also rebuilds the normaliser and pre-tokenizer itself."""
+    data = read_json(path, _TOKENIZER_FILES, WeightsError)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise WeightsError(f"{path}: expected a BPE tokenizer (model.type 'BPE', as CLIP's), found {kind!r}")
+    vocab = _checked_vocab(model.get("vocab"), f"{path}: model.vocab")
+    raw_merges = model.get("merges")
+    if not isinstance(raw_merges, list):
+        raise WeightsError(f"{path}: model.merges must be a list of merge pairs")
+    merges = []
+    for number, merge in enumerate(raw_merges):
+        pair = _merge_pair(merge)
+        if pair is None:
+            raise WeightsError(f"{path}: model.merges[{number}] is not a 'left right' merge pair: {merge!r}")
+        merges.append(pair)
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise WeightsError(f"{path}: added_tokens must be a list of AddedToken objects")
+    return vocab, merges, added
+
+
+def _is_tokenizer_folder(path: Path) -> bool:
+    return (path / TOKENIZER_JSON).is_file() or (path / "vocab.json").is_file()
 
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     """Load the CLIP tokenizer of a converted or diffusers checkpoint: `path` is the checkpoint or its `tokenizer/`."""
     path = Path(path)
-    if not (path / "vocab.json").is_file() and (path / "tokenizer").is_dir():
+    if not _is_tokenizer_folder(path) and (path / "tokenizer").is_dir():
         path = path / "tokenizer"
     return CLIPTokenizer.from_pretrained(path)
 

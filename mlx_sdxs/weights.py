@@ -28,6 +28,10 @@ CONFIG_FILE = "config.json"
 
 # Diffusers' legacy attention names (VAE mid-block, pre-0.14 checkpoints) → current ones.
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+#: transformers 4 puts CLIP's layers under `text_model.` (transformers 5 does not); the MLX model has no such level.
+_TEXT_MODEL = "text_model."
+#: kohya / A1111 LoRA module names: a component's prefix, then the layer's path with "_" for ".".
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 
 
 def map_key(component: str, key: str) -> str | None:
@@ -38,7 +42,7 @@ def map_key(component: str, key: str) -> str | None:
     if component == "text_encoder":
         if key.endswith("position_ids"):
             return None
-        return key.removeprefix("text_model.")
+        return key.removeprefix(_TEXT_MODEL)
     if component == "vae":
         for old, new in _LEGACY_ATTENTION.items():
             key = key.replace(old, new)
@@ -46,6 +50,29 @@ def map_key(component: str, key: str) -> str | None:
     if component in ("unet", "controlnet"):
         return key
     raise ValueError(f"unknown component {component!r}")
+
+
+def peft_layer(module: str) -> tuple[str, str]:
+    """A PEFT LoRA's module path → (component, the MLX layer's path). CLIP's layers are `text_model.encoder.…`
+    (transformers 4) or `encoder.…` (5); the UNet has no `encoder`."""
+    component = "text_encoder" if module.startswith((_TEXT_MODEL, "encoder.")) else "unet"
+    return component, module.removeprefix(_TEXT_MODEL)
+
+
+def kohya_layer(name: str) -> tuple[str, str] | None:
+    """A kohya LoRA module name → (component, the layer in kohya's spelling, see `kohya_spellings`), or None
+    when its prefix names no component."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if name.startswith(prefix):
+            return component, name.removeprefix(prefix)
+    return None
+
+
+def kohya_spellings(component: str, path: str) -> tuple[str, ...]:
+    """How a kohya LoRA may spell the MLX layer at `path`: dots as underscores, and for CLIP also behind
+    `text_model_` (transformers 4's level, as kohya writes it)."""
+    kohya = path.replace(".", "_")
+    return (kohya, _TEXT_MODEL.replace(".", "_") + kohya) if component == "text_encoder" else (kohya,)
 
 
 def adapt_layout(value: mx.array, expected_shape: tuple[int, ...]) -> mx.array:
@@ -142,7 +169,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
         weights, metadata = mx.load(str(path), return_metadata=True)
     except MemoryError:
         raise SDXSError(f"{path}: out of memory while loading {path.stat().st_size / 2**30:.2f} GiB of weights "
-                        "(close other programs, or use a smaller --dtype such as float16)") from None
+                        "(close other programs, or use a smaller dtype such as float16)") from None
     except Exception as exc:  # MLX raises RuntimeError/ValueError with terse text for corrupt files
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
     return weights, metadata or {}

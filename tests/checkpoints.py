@@ -164,5 +164,6 @@ def assert_controlled_streams_match(actual, expected, frames: list[np.ndarray], 
     for i, frame in enumerate(frames):
         if i == len(frames) // 2:
             for stream in (actual, expected):
-                stream.set_control("sketch", 1.2)
+                stream.set_control_mode("sketch")
+                stream.set_control_strength(1.2)
         assert_pixels_close(actual.process(frame), expected.process(frame), f"{what} with control, frame {i}")

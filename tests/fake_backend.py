@@ -101,14 +101,13 @@ class FakeBackend:
         self.closed = False
         self.failed_at: float | None = None
 
-    def set_prompt(self, prompt: str | None, prompt_b: str | None = None, blend: float | None = None) -> None:
+    def set_prompt(self, prompt: str | None, prompt_b: str | None = None,
+                   blend: float | None = None) -> tuple[str, ...]:
         self.threads.add(threading.current_thread().name)
         self.prompts.append(prompt)
         if prompt_b is not None or blend is not None:
             self.requests.append(("prompt_b", (prompt_b, blend)))
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        return len(prompt) > 300  # a stand-in for the tokenizer's limit
+        return tuple(text for text in (prompt, prompt_b) if text and len(text) > 300)  # the tokenizer's limit
 
     def set_prompt_blend(self, blend: float) -> None:
         self.requests.append(("prompt_blend", blend))
@@ -119,8 +118,11 @@ class FakeBackend:
     def set_seed_blend(self, blend: float) -> None:
         self.requests.append(("seed_blend", blend))
 
-    def set_control(self, mode=None, strength=None) -> None:
-        self.requests.append(("control", (mode, strength)))
+    def set_control_mode(self, mode) -> None:
+        self.requests.append(("control", mode))
+
+    def set_control_strength(self, strength) -> None:
+        self.requests.append(("control_strength", strength))
 
     def worker(self):
         return nullcontext()

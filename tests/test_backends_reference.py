@@ -94,7 +94,7 @@ def test_torch_backend_is_deterministic_and_uses_feedback(checkpoint, torch_run)
 def test_prompt_morph_moves_five_percent_per_frame(checkpoint):
     backend = torch_stream(checkpoint, SETTINGS, prompt="a cat")
     start = backend.embeds.numpy()
-    target = backend.engine.encode_prompt("an oil painting of a harbour")
+    target, _ = backend.engine.encode_prompt("an oil painting of a harbour")
     assert np.abs(target - start).max() > 0.1
     backend.set_prompt("an oil painting of a harbour")
     np.testing.assert_array_equal(backend.embeds.numpy(), start)  # only frames move it
@@ -103,6 +103,16 @@ def test_prompt_morph_moves_five_percent_per_frame(checkpoint):
         backend.process(frame)
         expected = expected + np.float32(0.05) * (target - expected)
         np.testing.assert_allclose(backend.embeds.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_engine_says_when_its_weights_are_random(checkpoint, tmp_path):
+    """A random checkpoint's engine carries the label every output shows (as the MLX pipeline's does)."""
+    from mlx_sdxs import presets
+    from mlx_sdxs.backends.reference import write_random_checkpoint
+    from mlx_sdxs.backends.torch_backend import TorchEngine
+
+    assert TorchEngine(write_random_checkpoint(tmp_path / "random", "tiny")).label == presets.RANDOM_LABEL
+    assert TorchEngine(checkpoint).label is None
 
 
 def test_kl_vae_checkpoint_scales_latents(kl_checkpoint):

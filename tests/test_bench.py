@@ -61,7 +61,7 @@ def test_bench_without_mlx_compares_against_the_first_backend_that_ran(tmp_path)
     assert "skipped" in results["onnx"]  # ONNX export refuses a 64-pixel render size, with the reason
     assert results["torch"]["time_vs_mlx"] == 1.0
     table = next((tmp_path / "out").glob("bench-*.md")).read_text()
-    assert "| 64 | onnx | —" in table and "- onnx @ 64: ConfigError: --render-size sides must be" in table
+    assert "| 64 | onnx | —" in table and "- onnx @ 64: ConfigError: render size sides must be" in table
 
 
 def test_a_controlnet_preset_puts_each_backends_controlnet_frame_beside_its_plain_one(tmp_path):
@@ -84,3 +84,30 @@ def test_bench_refuses_an_images_folder_without_images(tmp_path):
     assert done.returncode != 0
     assert f"--images {tmp_path}: no readable .png/.jpg images" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_streams_bench_measures_batched_streams_and_processes(tmp_path):
+    """`bench.streams` on random-tiny at 64², 1 and 2 streams for 2 s: every cell of both modes has its figures,
+    consistent with each other (~25 s on 2 cores)."""
+    env = {**os.environ, "MLX_SDXS_WEIGHTS": str(tmp_path / "weights")}
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench.streams", "--model", "random-tiny", "--sizes", "64", "--streams", "1,2",
+               "--seconds", "2", "--settle", "0.5", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("streams-*.json")  # streams-<device>-<time>
+    report = json.loads(path.read_text())
+    cells = report["sizes"]["64"]["mlx"]
+    assert set(cells) == {"1", "2"}
+    for count, modes in cells.items():
+        assert set(modes) == {"batched", "processes"}
+        for mode, cell in modes.items():
+            assert len(cell["results"]) == int(count) and min(cell["results"]) >= 1, (count, mode)
+            assert cell["aggregate_fps"] == pytest.approx(cell["stream_fps"] * int(count))
+            assert 0 < cell["stream_fps_min"] <= cell["stream_fps"]
+            assert 0 < cell["p50_ms"] <= cell["p90_ms"]
+            assert cell["vs_one_stream"] == pytest.approx(cell["aggregate_fps"] / cells["1"][mode]["aggregate_fps"])
+    assert cells["2"]["processes"]["threads_per_process"] == max(1, os.cpu_count() // 2)  # its share of the cores
+    table = path.with_suffix(".md").read_text()
+    assert table.startswith("Device: ") and "| 64 | mlx | 2 | processes |" in table and "nan" not in table.lower()
+    assert path.with_suffix(".png").is_file()

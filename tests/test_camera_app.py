@@ -41,8 +41,10 @@ def test_flags_defaults_and_validation(capsys):
     assert parse("--camera", "1", "--render-size", "320", "--no-loop").source == "1"
     assert parse("--render-size", "512x384").render_size == (512, 384)
     assert parse("--render-size", "320").render_size == (320, 320)
-    for bad, message in ((("--render-size", "300"), "sides must be multiples of 64 in [128, 1024]"),
-                         (("--render-size", "2048"), "--render-size must be in [128, 1024]"),
+    for bad, message in ((("--render-size", "300"), "sides must be multiples of 64 in [64, 2048]"),
+                         (("--render-size", "4096"), "--render-size must be in [64, 2048]"),
+                         (("--ema", "0.97"), "--ema must be in [0.0, 0.95]"),
+                         (("--similarity-threshold", "nan"), "--similarity-threshold must be in [0.0, 255.0]"),
                          (("--render-size", "512x"), "--render-size must be an integer"),
                          (("--blend", "1.5"), "--blend must be in [0.0, 1.0]"),
                          (("--kernels", "fast"), "invalid choice: 'fast'"),

@@ -18,7 +18,7 @@ from mlx_sdxs.camera.outputs import VideoRecorder
 from mlx_sdxs.camera.presenter import Presenter
 from mlx_sdxs.camera.slots import LatestSlot
 from mlx_sdxs.camera.stages import SimilarityGate, WorkerError
-from mlx_sdxs.camera.state import LoopControl
+from mlx_sdxs.camera.state import LiveState, LoopControl
 from mlx_sdxs.camera.stats import RateMeter
 from mlx_sdxs.errors import ImageError
 
@@ -180,7 +180,7 @@ def test_knob_requests_reach_the_backend_before_the_next_frame():
     from mlx_sdxs.errors import ConfigError
 
     backend = FakeBackend()
-    control = LoopControl(LiveState(seed_blend=0.0))
+    control = LoopControl(LiveState(seed_blend=0.0, has_seed_b=True))
     control.request(prompt="a")
 
     def turn_knobs(control):
@@ -206,18 +206,18 @@ def test_control_knobs_reach_a_controlnet_backend_and_are_refused_without_one():
 
     backend = FakeBackend()
     backend.controlled = True
-    control = LoopControl(LiveState(control="edges", control_strength=0.8))
+    control = LoopControl(LiveState(control="edges", control_strength=0.8, controlled=True))
     control.request(prompt="a")
 
     def turn_knobs(control):
         control.request(control="sketch", control_strength=1.25)
 
     run_loop(CountingSource(fps=200), backend, Collector(at=2, action=turn_knobs), control=control, max_results=5)
-    assert ("control", ("sketch", 1.25)) in backend.requests
+    assert ("control", "sketch") in backend.requests and ("control_strength", 1.25) in backend.requests
     assert (control.state.control, control.state.control_strength) == ("sketch", 1.25)
     with pytest.raises(ConfigError, match="control strength needs a model with a ControlNet"):
         LoopControl().request(control_strength=0.5)
-    with pytest.raises(ConfigError, match="control mode must be one of"):
+    with pytest.raises(ConfigError, match="control must be one of"):
         control.request(control="canny")
     with pytest.raises(ConfigError, match="control strength must be in"):
         control.request(control_strength=3)
@@ -246,18 +246,23 @@ def test_window_keys_work_during_warmup():
     assert stats.stop_reason == "quit" and stats.displayed == 0 and source.produced == 0
 
 
+def _similarity(threshold: float) -> LoopControl:
+    return LoopControl(LiveState(similarity_threshold=threshold))
+
+
 @pytest.mark.timeout(20)
 def test_similarity_filter_skips_identical_frames_and_counts_them():
     static = CountingSource(fps=500, static=True)
     presenter = Collector()
-    stats = run_loop(static, FakeBackend(), presenter, max_frames=20, similarity_threshold=1.0)
+    stats = run_loop(static, FakeBackend(), presenter, max_frames=20, control=_similarity(1.0))
     assert stats.inferred == 1 and stats.skipped_similar >= 15
     assert len(presenter.results) == 1  # only the first frame was processed; the display kept showing it
 
-    stats = run_loop(CountingSource(fps=500, static=True), FakeBackend(), Collector(), max_results=20)
+    stats = run_loop(CountingSource(fps=500, static=True), FakeBackend(), Collector(), max_results=20,
+                     control=_similarity(0.0))
     assert stats.skipped_similar == 0 and stats.inferred >= 20  # threshold 0 = off
 
-    stats = run_loop(CountingSource(fps=500), FakeBackend(), Collector(), max_results=20, similarity_threshold=1.0)
+    stats = run_loop(CountingSource(fps=500), FakeBackend(), Collector(), max_results=20, control=_similarity(1.0))
     assert stats.skipped_similar == 0  # moving frames are all processed
 
 

@@ -16,7 +16,8 @@ from mlx_sdxs.camera.outputs import (FramesWriter, OutputError, StatusLine, Vide
                                      h264_available)
 from mlx_sdxs.camera.presenter import Presenter, compose_frame, draw_banner, status_lines
 from mlx_sdxs.camera.stages import Result
-from mlx_sdxs.camera.state import EMA_MAX, LiveState, LoopControl
+from mlx_sdxs.camera.state import LiveState, LoopControl
+from mlx_sdxs.knobs import KNOBS
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
 from mlx_sdxs.camera.sources import SyntheticSource
 from mlx_sdxs.errors import SDXSError
@@ -88,7 +89,7 @@ class _Discard:
 
 def test_presenter_ema_keys_and_save(tmp_path):
     control = LoopControl(LiveState(gallery=GALLERY, prompt=GALLERY[0], prompt_b="a pencil sketch", prompt_blend=0.5,
-                                    seed_blend=0.5, ema=0.4))
+                                    seed_blend=0.5, has_seed_b=True, ema=0.4))
     display = Presenter(output_size=32, save_dir=tmp_path / "saved", overlay=False, sinks=[_Discard()])
     display.present(_tick(100), control)
     display.present(_tick(200, 2), control)
@@ -102,14 +103,15 @@ def test_presenter_ema_keys_and_save(tmp_path):
     assert control.take_requests() == {"prompt": GALLERY[-1]}  # from the state's prompt, the gallery's first
     display.handle_key(ord("]"), control)
     display.handle_key(ord(","), control)
-    assert control.take_requests() == {"prompt_blend": 0.6, "seed_blend": 0.4}
-    for key, attribute, value in (("+", "blend", 0.1), ("-", "blend", 0.0), ("-", "blend", 0.0),
-                                  ("e", "ema", 0.5), ("d", "ema", 0.4)):
+    step = KNOBS["blend"].step  # every number knob here moves one table step per key press
+    assert control.take_requests() == {"prompt_blend": 0.5 + step, "seed_blend": 0.5 - step}
+    for key, attribute, value in (("+", "blend", step), ("-", "blend", 0.0), ("=", "blend", step), ("_", "blend", 0.0),
+                                  ("e", "ema", 0.4 + step), ("d", "ema", 0.4)):
         display.handle_key(ord(key), control)  # display knobs: in the state at once, no model involved
         assert getattr(control.state, attribute) == pytest.approx(value)
     for _ in range(20):
         display.handle_key(ord("e"), control)
-    assert control.state.ema == pytest.approx(EMA_MAX)
+    assert control.state.ema == pytest.approx(KNOBS["ema"].high)
 
     display.handle_key(ord("s"), control)
     saved = list((tmp_path / "saved").glob("mlx-sdxs-*.png"))

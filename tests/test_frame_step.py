@@ -34,23 +34,26 @@ class StagedEngine(MLXEngine):
 
     frame_step = None
 
-    def upload(self, frame):
-        return frame
+    def upload(self, batch):
+        return batch
 
-    def image_in(self, frame):
-        return mx.array(frames.as_model_input(frame))
+    def image_in(self, batch):
+        return mx.array(np.concatenate([frames.as_model_input(frame) for frame in batch]))
 
     def image_out(self, image):
-        return frames.from_model_output(np.array(image))
+        return np.stack([frames.from_model_output(row) for row in np.array(image)])
 
-    def download(self, frame):
-        return frame
+    def download(self, batch):
+        return batch
 
     def condition(self, embeds):
         return embeds
 
     def predict_noise(self, noisy, timestep, embeds, control=None):
-        return self.pipeline.predict_noise(noisy, timestep, embeds, control)
+        """The UNet's whole forward (conditioning computed inside it); these streams have no ControlNet."""
+        assert control is None
+        dtype = self.pipeline.dtype
+        return self.pipeline.unet(noisy.astype(dtype), mx.array([timestep]), embeds.astype(dtype)).astype(mx.float32)
 
 
 POLICIES = [
@@ -68,11 +71,11 @@ def scene() -> list[np.ndarray]:
     return [source.read() for _ in range(FRAMES)]
 
 
-def _pipeline(policy: str, dtype) -> SDXSPipeline:
-    """The tiny random model with its VAE's convolutions scaled to keep the signal's variance (He: ×√6 on
+def camera_pipeline(policy: str, dtype, model: str = "random-tiny") -> SDXSPipeline:
+    """A tiny random model with its VAE's convolutions scaled to keep the signal's variance (He: ×√6 on
     the uniform ±1/√fan_in init): unscaled, the camera frame fades out in the encoder and the output is
     the same whatever the input (measured: 0.01 levels from a black frame)."""
-    pipeline = SDXSPipeline.random("random-tiny", dtype=dtype, kernels=policy)
+    pipeline = SDXSPipeline.random(model, dtype=dtype, kernels=policy)
     for _, module in pipeline.vae.named_modules():
         if isinstance(module, Conv2d):
             module.weight = module.weight * 6**0.5
@@ -97,7 +100,7 @@ def _run(stream: Recipe, scene: list[np.ndarray], overlap: bool) -> list[np.ndar
 
 @pytest.mark.parametrize("policy,dtype", POLICIES)
 def test_compiled_uint8_overlapped_stream_matches_the_staged_path(policy, dtype, scene):
-    pipeline = _pipeline(policy, dtype)
+    pipeline = camera_pipeline(policy, dtype)
     settings = RecipeSettings(render_size=SIZE, strength=0.5)
     fast = _run(pipeline.stream(settings, PROMPTS[0]), scene, overlap=True)
     staged = _run(Recipe(StagedEngine(pipeline), settings, PROMPTS[0]), scene, overlap=False)
@@ -111,15 +114,17 @@ def test_compiled_uint8_overlapped_stream_matches_the_staged_path(policy, dtype,
 
 def test_device_frame_conversions_equal_the_host_ones():
     """uint8 BGR in and out on the device: the same numbers as the host's float32 conversions."""
-    engine = MLXEngine(_pipeline("portable", mx.float32))
-    frame = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(np.array(engine.image_in(engine.upload(frame))), frames.as_model_input(frame))
-    image = np.random.default_rng(1).uniform(-1.2, 1.2, (1, 48, 80, 3)).astype(np.float32)
-    np.testing.assert_array_equal(engine.download(engine.image_out(mx.array(image))), frames.from_model_output(image))
+    engine = MLXEngine(camera_pipeline("portable", mx.float32))
+    batch = np.random.default_rng(0).integers(0, 256, (2, 48, 80, 3), dtype=np.uint8)
+    expected = np.concatenate([frames.as_model_input(frame) for frame in batch])
+    np.testing.assert_array_equal(np.array(engine.image_in(engine.upload(batch))), expected)
+    image = np.random.default_rng(1).uniform(-1.2, 1.2, (2, 48, 80, 3)).astype(np.float32)
+    expected = np.stack([frames.from_model_output(row) for row in image])
+    np.testing.assert_array_equal(engine.download(engine.image_out(mx.array(image))), expected)
 
 
 def test_one_frame_in_flight_changes_no_bit(scene):
-    pipeline = _pipeline(runtime.resolve_kernels(runtime.default_dtype()), runtime.default_dtype())
+    pipeline = camera_pipeline(runtime.resolve_kernels(runtime.default_dtype()), runtime.default_dtype())
     settings = RecipeSettings(render_size=SIZE)
     overlapped = _run(pipeline.stream(settings, PROMPTS[0]), scene, overlap=True)
     sequential = _run(pipeline.stream(settings, PROMPTS[0]), scene, overlap=False)
@@ -146,7 +151,7 @@ class CountingEngine(MLXEngine):
 
 
 def test_knobs_never_retrace_the_compiled_frame_and_a_settled_prompt_costs_nothing(scene):
-    pipeline = _pipeline(runtime.resolve_kernels(runtime.default_dtype()), runtime.default_dtype())
+    pipeline = camera_pipeline(runtime.resolve_kernels(runtime.default_dtype()), runtime.default_dtype())
     engine = CountingEngine(pipeline)
     stream = Recipe(engine, RecipeSettings(render_size=SIZE, prompt_morph=0.5, seed_b=7), PROMPTS[0])
     stream.process(scene[0])

@@ -492,7 +492,7 @@ ROWS = [
     Row("weights-missing-folder", lambda env: lambda: W.load_unet(env.tmp / "nowhere" / "unet"),
         WeightsError, ("{tmp}/nowhere/unet", "no such folder")),
     Row("weights-model-flag-missing-path", lambda env: cli("txt2img", "--prompt", "x", "--model", env.tmp / "nope"),
-        1, ("--model", "{tmp}/nope", "no such folder")),
+        1, ("model '{tmp}/nope'", "no such folder")),
     Row("weights-model-flag-empty-folder", _empty_folder_model, 1,
         ("{tmp}/empty", "neither a converted mlx-sdxs folder", "nor a diffusers checkpoint"), _nothing_at("out.png")),
     Row("weights-missing-component", _missing_component, 1, ("{tmp}/model/unet", "no such folder"),

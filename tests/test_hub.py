@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from checkpoints import build_checkpoint
-from mlx_sdxs import hub, runtime
-from mlx_sdxs.errors import SDXSError, WeightsError
+from mlx_sdxs import hub, presets, runtime
+from mlx_sdxs.errors import ConfigError, ModelUnavailable, RandomWeightsWarning, WeightsError
 from mlx_sdxs.pipeline import SDXSPipeline
 
 REPO = "IDKiro/sdxs-512-0.9"
@@ -78,11 +78,17 @@ def test_convert_and_download_default_to_the_runtime_dtype(tiny_checkpoint, tmp_
     assert hub.cached_models(weights)[0][:2] == (f"diffusers-{expected}", expected)
 
 
-def test_offline_with_nothing_cached_says_what_to_do(fake_hub_cache, tmp_path):
-    with pytest.raises(SDXSError) as info:
-        SDXSPipeline.from_pretrained(REPO, weights_root=tmp_path / "weights", offline=True)
+def test_offline_an_unknown_model_is_an_error_that_says_what_to_do(fake_hub_cache, tmp_path):
+    with pytest.raises(ModelUnavailable) as info:
+        SDXSPipeline.from_pretrained("someone/else", weights_root=tmp_path / "weights", offline=True)
     message = str(info.value)
-    assert REPO in message and "--model PATH" in message and "random" in message
+    assert "someone/else" in message and "local diffusers checkpoint folder" in message and "'random'" in message
+    assert "--" not in message  # the API's words; the CLI adds its flags (test_hardening)
+
+
+def test_a_missing_local_path_is_an_error(tmp_path):
+    with pytest.raises(WeightsError, match=r"model '\./no-such-folder': no such folder"):
+        SDXSPipeline.from_pretrained("./no-such-folder", weights_root=tmp_path)
 
 
 def test_local_diffusers_folder_and_converted_folder(tiny_checkpoint, tmp_path):
@@ -185,25 +191,121 @@ def test_vae_large_takes_the_checkpoints_kl_vae(fake_hub_cache, tiny_checkpoint,
         hub.resolve(str(tiny_checkpoint), vae="large", weights_root=weights)
 
 
-@pytest.mark.parametrize("model, shape", [("sdxs-512-dreamshaper-sketch", "sdxs-512-dreamshaper-sketch"),
-                                          ("sdxs-512-dreamshaper-anime", "sdxs-512-dreamshaper"),
-                                          ("IDKiro/sdxs-512-dreamshaper", "sdxs-512-dreamshaper")])
-def test_family_models_fall_back_offline_to_labelled_random_weights_of_their_shape(
-        fake_hub_cache, tmp_path, monkeypatch, model, shape):
-    import io
-    from types import SimpleNamespace
+STAND_INS = {None: "random", "sdxs-512-0.9": "random", "sdxs-512-dreamshaper": "random-sdxs-512-dreamshaper",
+             "IDKiro/sdxs-512-dreamshaper": "random-sdxs-512-dreamshaper",
+             "sdxs-512-dreamshaper-anime": "random-sdxs-512-dreamshaper",  # a LoRA changes no shape; left out
+             "sdxs-512-dreamshaper-sketch": "random-sdxs-512-dreamshaper-sketch",
+             "stabilityai/sd-turbo": "random-sd-turbo"}
 
-    from mlx_sdxs.backends import BackendChoice, load_pipeline
 
-    built = []  # (the full-size random models take a minute to build: their shape is what counts here)
-    monkeypatch.setattr(SDXSPipeline, "random", classmethod(
-        lambda cls, preset, **kw: built.append(preset) or SimpleNamespace(name=preset, label="RANDOM")))
-    log = io.StringIO()
-    load_pipeline(BackendChoice(model=model, offline=True, weights_dir=tmp_path), fallback_to_random=True, log=log)
-    assert built == [shape]
-    assert f"RANDOM WEIGHTS in the {shape} shape: NOT a trained model" in log.getvalue()
-    assert model.removeprefix("IDKiro/") in log.getvalue()  # the error says which model could not be had
-    assert ("without its LoRA" in log.getvalue()) == model.endswith("anime")
-    with pytest.raises(SDXSError):
-        load_pipeline(BackendChoice(model="someone/else", offline=True, weights_dir=tmp_path), fallback_to_random=True,
-                      log=log)
+def test_every_known_model_has_a_random_stand_in_of_its_own_shape():
+    assert set(hub.KNOWN_MODELS) <= set(STAND_INS)
+    error = ModelUnavailable("offline")
+    for model, expected in STAND_INS.items():
+        with pytest.warns(RandomWeightsWarning, match=expected):
+            assert hub.random_stand_in(model, error) == expected
+        configs = presets.configs(presets.RANDOM_MODELS[expected])
+        family = hub.family_model(model or hub.DEFAULT_MODEL)
+        assert ("controlnet" in configs) == bool(family and family.controlnet), model
+    for unknown in ("someone/else", "./a/folder", "random-nothing"):
+        with pytest.raises(ModelUnavailable):
+            hub.random_stand_in(unknown, error)
+
+
+def test_every_random_model_is_listed_in_the_model_flags_help(capsys):
+    from mlx_sdxs.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}," in text or f"{name};" in text for name in presets.RANDOM_MODELS), text
+
+
+@pytest.fixture
+def tiny_random(monkeypatch):
+    """`SDXSPipeline.random` builds the tiny model of the asked stand-in's kind (the full-size ones take a minute);
+    the names it was asked for are recorded."""
+    asked, build = [], SDXSPipeline.random.__func__
+
+    def random(cls, model="random", **kwargs):
+        asked.append(model)
+        controlled = "controlnet" in presets.configs(presets.RANDOM_MODELS.get(model, model))
+        return build(cls, "random-tiny-sketch" if controlled else "random-tiny", **kwargs)
+
+    monkeypatch.setattr(SDXSPipeline, "random", classmethod(random))
+    return asked
+
+
+@pytest.mark.parametrize("model", [m for m in STAND_INS if m is not None])
+def test_the_api_falls_back_offline_with_a_warning_and_a_flag(fake_hub_cache, tmp_path, tiny_random, model):
+    with pytest.warns(RandomWeightsWarning, match="NOT a trained model"):
+        pipeline = SDXSPipeline.from_pretrained(model, weights_root=tmp_path, offline=True)
+    assert tiny_random == [STAND_INS[model]]
+    assert pipeline.random_weights and pipeline.label == presets.RANDOM_LABEL
+    assert (pipeline.controlnet is not None) == model.endswith("sketch")
+
+
+def test_the_cli_falls_back_offline_with_a_printed_line(fake_hub_cache, tmp_path, tiny_random, capfd):
+    from mlx_sdxs.cli import main
+
+    out = tmp_path / "out.png"
+    # (pytest records warnings; outside it the CLI prints each as a `mlx-sdxs: warning: …` line)
+    with pytest.warns(RandomWeightsWarning, match="model 'sdxs-512-dreamshaper-sketch' cannot be reached"):
+        assert main(["txt2img", "--prompt", "a fox", "--model", "sdxs-512-dreamshaper-sketch", "--offline", "--size",
+                     "64", "--control-image", str(_sketch_png(tmp_path)), "--weights-dir", str(tmp_path),
+                     "-o", str(out)]) == 0
+    assert f"{presets.RANDOM_LABEL}" in capfd.readouterr().err and out.is_file()
+    assert main(["txt2img", "--prompt", "a fox", "--model", "someone/else", "--offline", "--size", "64",
+                 "--weights-dir", str(tmp_path), "-o", str(tmp_path / "other.png")]) == 1
+    assert "here: --model PATH, or --model random" in capfd.readouterr().err
+
+
+def _sketch_png(folder):
+    import numpy as np
+
+    from mlx_sdxs.imageio import write_image
+
+    drawing = np.full((64, 64, 3), 255, np.uint8)
+    drawing[10:50, 30:34] = 0
+    write_image(folder / "sketch.png", drawing)
+    return folder / "sketch.png"
+
+
+def test_a_control_image_without_a_controlnet_suggests_models_that_run_offline():
+    import numpy as np
+
+    pipeline = SDXSPipeline.random("random-tiny")
+    assert pipeline.random_weights  # asked-for random weights say so too
+    with pytest.raises(ConfigError) as info:
+        pipeline.txt2img("p", size=64, control_image=np.zeros((64, 64, 3), np.uint8))
+    message = str(info.value)
+    assert "--" not in message and "sdxs-512-dreamshaper-sketch" in message
+    suggested = [name for name in presets.RANDOM_MODELS if f"'{name}'" in message]
+    assert suggested and all("controlnet" in presets.configs(presets.RANDOM_MODELS[n]) for n in suggested)
+
+
+def test_library_errors_name_no_command_line_flags():
+    """API errors speak API: the text of every exception raised in the library names no `--flag` (the CLI adds its
+    flags when it reports an error). Flags are right where the command line is the caller."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(hub.__file__).parent
+    # The commands and their sessions (camera, studio, OSC, bulk jobs, the native build script); lora.py: its owner's.
+    command_line = {"cli.py", "options.py", "camera", "studio", "osc.py", "jobs", "_native", "lora.py"}
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if command_line & set(path.relative_to(package).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = [c.value for c in ast.walk(node.exc) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                if any(re.search(r"(?<![\w-])--[a-z]", text) for text in texts):
+                    offenders.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not offenders, f"exception messages naming command-line flags: {offenders}"
+
+
+def test_the_default_models_preset_is_its_family_name():
+    """`presets.DEFAULT` (the bench's shape, the default model's random stand-in) is the default model's."""
+    assert hub.family_name(hub.DEFAULT_MODEL) == presets.DEFAULT

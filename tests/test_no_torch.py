@@ -70,14 +70,29 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_sdxs"
 
 
 def _imported_names(path: Path) -> list[str]:
-    """Every module `path` imports, read from the source, so a lazy import inside a function counts."""
+    """Every module `path` imports, read from the source, so a lazy import inside a function counts, and so does
+    one by name (`importlib.import_module("…")`; the package facade's `__getattr__` table, `mlx_sdxs._LAZY`).
+    `from package import module` counts as that module, `from package import name` as the package."""
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.append(node.module)
+            names += [_from_import(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module") \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            names.append(node.args[0].value)
+    if path == PACKAGE / "__init__.py":
+        import mlx_sdxs
+
+        names += list(mlx_sdxs._LAZY.values())
     return names
+
+
+def _from_import(package: str, name: str) -> str:
+    """`from package import name`: the submodule `package.name` where there is one, else `package` itself."""
+    found = PACKAGE.parent.joinpath(*package.split("."), name)
+    return f"{package}.{name}" if found.is_dir() or found.with_suffix(".py").is_file() else package
 
 
 def test_models_import_only_mlx_numpy_and_errors():

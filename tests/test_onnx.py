@@ -48,7 +48,7 @@ def test_export_writes_graphs_and_manifest(exported):
         assert [i.name for i in session.get_inputs()] == inputs
         assert [o.name for o in session.get_outputs()] == outputs
         assert [list(i.shape) for i in session.get_inputs()] == list(manifest.inputs[component].values())
-    with pytest.raises(ConfigError, match="exported for render size 256x256.*re-export with --render-size 320x256"):
+    with pytest.raises(ConfigError, match="exported for render size 256x256.*re-export it at render size 320x256"):
         onnx_stream(onnx_dir, RecipeSettings(render_size=(320, 256)))
 
 
@@ -90,6 +90,6 @@ def test_the_sketch_model_exports_its_controlnet_inside_the_unet_graph(tmp_path)
     frames = camera_frames(4)
     assert_controlled_streams_match(onnx_backend, torch_backend, frames, "ONNX vs torch")
     steered = onnx_backend.process(frames[0])
-    onnx_backend.set_control(strength=0.0)
+    onnx_backend.set_control_strength(0.0)
     diff = np.abs(onnx_backend.process(frames[0]).astype(int) - steered.astype(int))
     assert diff.mean() > 8, f"the control image barely moves the ONNX output (mean |Δ| {diff.mean():.2f}/255)"

@@ -27,7 +27,8 @@ def toy_prompt(prompt: str) -> np.ndarray:
 
 
 class NumpyToy(HostFrames):
-    """encode: 8×8 mean-pool + channel mix; ε: tanh(noisy)·0.5 + mean(embeds); decode: mix back, 8× repeat."""
+    """encode: 8×8 mean-pool + channel mix; ε: tanh(noisy)·0.5 + mean(embeds) (per row); decode: mix back,
+    8× repeat."""
 
     name, label, latent_channels, scheduler = "numpy-toy", None, 4, SCHEDULER
 
@@ -46,13 +47,13 @@ class NumpyToy(HostFrames):
         return pooled @ MIX
 
     def predict_noise(self, noisy, timestep, embeds, control=None):
-        return np.tanh(noisy) * 0.5 + embeds.mean()
+        return np.tanh(noisy) * 0.5 + embeds.mean(axis=(1, 2)).reshape(-1, 1, 1, 1)  # per stream of a batch
 
     def decode(self, latent):
         return np.tanh(np.repeat(np.repeat(latent @ MIX.T, 8, axis=1), 8, axis=2))
 
     def encode_prompt(self, prompt):
-        return toy_prompt(prompt)
+        return toy_prompt(prompt), False
 
     def from_embeds(self, embeds):
         return np.asarray(embeds, np.float32)
@@ -78,7 +79,7 @@ class MLXToy(NumpyToy):
         return image.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4)) @ mx.array(MIX)
 
     def predict_noise(self, noisy, timestep, embeds, control=None):
-        return mx.tanh(noisy) * 0.5 + embeds.mean()
+        return mx.tanh(noisy) * 0.5 + embeds.mean(axis=(1, 2)).reshape(-1, 1, 1, 1)
 
     def decode(self, latent):
         up = mx.repeat(mx.repeat(latent @ mx.array(MIX.T), 8, axis=1), 8, axis=2)
@@ -86,6 +87,9 @@ class MLXToy(NumpyToy):
 
     def from_embeds(self, embeds):
         return mx.array(embeds)
+
+    def concat(self, arrays):
+        return mx.concatenate(arrays)
 
     def sync(self, arrays):
         mx.eval(*arrays)
@@ -113,7 +117,7 @@ class TorchToy(NumpyToy):
         return self.torch.einsum("bchw,cd->bdhw", pooled, self.mix)
 
     def predict_noise(self, noisy, timestep, embeds, control=None):
-        return self.torch.tanh(noisy) * 0.5 + embeds.mean()
+        return self.torch.tanh(noisy) * 0.5 + embeds.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
 
     def decode(self, latent):
         mixed = self.torch.einsum("bdhw,cd->bchw", latent, self.mix)
@@ -121,6 +125,9 @@ class TorchToy(NumpyToy):
 
     def from_embeds(self, embeds):
         return self.torch.from_numpy(np.asarray(embeds, np.float32))
+
+    def concat(self, arrays):
+        return self.torch.cat(arrays)
 
 
 ENGINES = {"numpy": NumpyToy, "mlx": MLXToy, "torch": TorchToy}
@@ -245,7 +252,7 @@ def test_seed_blend_0_and_1_reproduce_each_seed_exactly_and_half_is_neither():
     live = Recipe(NumpyToy(), RecipeSettings(render_size=64, seed=1, seed_b=2), "x")
     live.set_seed_blend(1.0)
     np.testing.assert_array_equal(live.process(frame), b)
-    with pytest.raises(ConfigError, match="--seed-b"):
+    with pytest.raises(ConfigError, match="second random seed"):
         Recipe(NumpyToy(), RecipeSettings(render_size=64), "x").set_seed_blend(0.5)
 
 
@@ -272,7 +279,7 @@ def test_control_images_are_white_strokes_on_black_in_the_frames_layout():
     np.testing.assert_array_equal(frames.control_image(paper, "lines"), paper)
 
 
-@pytest.mark.parametrize("change, match", [(dict(control="canny"), "control mode must be one of"),
+@pytest.mark.parametrize("change, match", [(dict(control="canny"), "control must be one of"),
                                            (dict(control_strength=2.5), "control strength"),
                                            (dict(control_strength=-0.1), "control strength")])
 def test_control_settings_refuse_what_is_not_a_mode_or_a_strength(change, match):

@@ -33,22 +33,27 @@ pytest.importorskip("starlette", reason="the studio extra is not installed")
 websockets = pytest.importorskip("websockets", reason="the studio extra is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
-URL_LINE = re.compile(r"studio at http://[^/]+:(\d+)/\?token=([\w-]+)")
+URL_LINE = re.compile(r"studio at (https?)://[^/]+:(\d+)/\?token=([\w-]+)")
+HOST_LINE = re.compile(r"host controls: https?://\S+\?token=([\w-]+)")
 
 
 class Studio:
-    def __init__(self, tmp: Path, *extra: str):
+    """A studio process: `token` is the visitors' (the printed URL), `host_token` the host's; `context`: the SSL
+    context a client trusts its certificate with (set by the HTTPS tests)."""
+
+    def __init__(self, tmp: Path, *extra: str, env: dict | None = None):
         command = [sys.executable, "-m", "mlx_sdxs.cli", "studio", "--model", "random-tiny", "--port", "0",
                    "--render-size", "128", "--save-dir", str(tmp / "captures"), "--similarity-threshold", "0", *extra]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.log = []
-        for line in self.process.stderr:  # the URL is printed before the model warms up
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.log, self.context = [], None
+        for line in self.process.stderr:  # the URLs are printed before the model warms up, the host's last
             self.log.append(line)
-            match = URL_LINE.search(line)
-            if match:
-                self.port, self.token = int(match.group(1)), match.group(2)
-                self.base = f"http://127.0.0.1:{self.port}"
+            if match := URL_LINE.search(line):
+                self.scheme, self.port, self.token = match.group(1), int(match.group(2)), match.group(3)
+                self.base = f"{self.scheme}://127.0.0.1:{self.port}"
+            if match := HOST_LINE.search(line):
+                self.host_token = match.group(1)
                 return
         raise AssertionError("studio printed no URL:\n" + "".join(self.log))
 
@@ -58,13 +63,15 @@ class Studio:
         url = self.base + path + (f"{sep}token={token}" if token else "")
         request = urllib.request.Request(url, headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=15) as response:
+            with urllib.request.urlopen(request, timeout=15, context=self.context) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.headers, error.read()
 
     def ws_url(self, token: str | None = "") -> str:
-        return f"ws://127.0.0.1:{self.port}/ws" + (f"?token={self.token if token == '' else token}" if token is not None else "")
+        scheme = "wss" if self.scheme == "https" else "ws"
+        query = f"?token={self.token if token == '' else token}" if token is not None else ""
+        return f"{scheme}://127.0.0.1:{self.port}/ws{query}"
 
     def stop(self) -> tuple[int, str, str]:
         self.process.send_signal(signal.SIGTERM)
@@ -182,8 +189,8 @@ def test_webcam_frames_come_back_and_bad_messages_are_dropped_and_counted(studio
 
 @pytest.mark.timeout(180)
 def test_prompt_settings_snapshot_mjpeg_and_recording(studio):
-    async def session():
-        async with websockets.connect(studio.ws_url()) as ws:
+    async def session():  # as the host: recording and the server's sources are the host's
+        async with websockets.connect(studio.ws_url(token=studio.host_token)) as ws:
             await ws.send(json.dumps({"type": "source", "source": "synthetic"}))
             await ws.send(json.dumps({"type": "prompt", "prompt": "a pencil sketch"}))
             await _status(ws, lambda s: s["prompt"] == "a pencil sketch" and s["inferred"] > 0)
@@ -209,7 +216,7 @@ def test_prompt_settings_snapshot_mjpeg_and_recording(studio):
     status, headers, jpeg = studio.get("/frame.jpg")
     assert status == 200 and cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) is not None
     assert recording["url"].startswith("/recordings/mlx-sdxs-") and recording["url"].endswith(".mp4")
-    status, headers, video = studio.get(recording["url"])
+    status, headers, video = studio.get(recording["url"], token=studio.host_token)
     assert status == 200 and headers["content-type"] == "video/mp4" and len(video) > 1000
     with urllib.request.urlopen(f"{studio.base}/stream.mjpg?token={studio.token}", timeout=15) as stream:
         assert stream.headers["Content-Type"].startswith("multipart/x-mixed-replace")
@@ -238,8 +245,9 @@ def test_twenty_viewers_leave_no_threads_fds_or_memory_behind(tmp_path):
         return json.loads(studio.get("/api/status")[2])
 
     async def crowd():
-        viewers = [await websockets.connect(studio.ws_url(), max_size=2**24, ping_interval=None, close_timeout=1)
-                   for _ in range(20)]
+        # Host pages: each watches (and steers) the host's stream; a visitor's page would get a stream of its own.
+        viewers = [await websockets.connect(studio.ws_url(token=studio.host_token), max_size=2**24, ping_interval=None,
+                                            close_timeout=1) for _ in range(20)]
         for ws in viewers[1:]:
             for _ in range(20):  # each reads a few frames; viewers[0] reads nothing at all
                 await ws.recv()
@@ -294,8 +302,9 @@ def test_camera_runs_without_the_studio_extra_and_says_what_the_preview_needs(tm
 
 @pytest.mark.timeout(60)
 def test_a_host_other_than_loopback_gets_a_warning(tmp_path):
-    studio = Studio(tmp_path, "--host", "0.0.0.0")
+    studio = Studio(tmp_path, "--host", "0.0.0.0", env={"MLX_SDXS_CACHE": str(tmp_path / "cache")})
     try:
         assert any("warning: listening on 0.0.0.0" in line for line in studio.log)
+        assert studio.scheme == "https"  # for the webcam of visitors on other devices
     finally:
         studio.stop()

@@ -68,6 +68,23 @@ def _wait(predicate, timeout: float = 90.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def webcam_reaches_the_model(page, base: str, width: int) -> None:
+    """The fake webcam's frames reach the model, and the output on screen (`width` wide) changes."""
+    _wait(lambda: int(page.text_content("#received")) > 5, what="webcam frames sent")
+    _wait(lambda: page.evaluate("document.querySelector('#output').naturalWidth") == width,
+          what="the first AI frame on screen")
+    first = page.locator("#output").screenshot()
+    _wait(lambda: page.locator("#output").screenshot() != first, what="the output to change")
+    status = page_status(page)  # a visitor's page: its own stream, which /api/status (the host's) is not
+    assert status["source"] == "browser" and status["frames_received"] > 5 and status["inferred"] > 1
+    assert status["stream"] == "own"
+
+
+def page_status(page) -> dict:
+    """The status of the page's own stream, as the server last sent it to the page."""
+    return page.evaluate("state.status")
+
+
 @pytest.mark.timeout(300)
 def test_studio_page_with_the_browser_webcam_end_to_end(tmp_path):
     shared = Path(__file__).resolve().parents[2] / "shared"
@@ -83,28 +100,21 @@ def test_studio_page_with_the_browser_webcam_end_to_end(tmp_path):
             _wait(lambda: page.text_content("#connection") == "live", what="the WebSocket")
             _wait(lambda: page.is_visible("#random-banner"), what="the RANDOM WEIGHTS banner")
 
-            # The fake webcam's frames reach the model, and the output on screen changes.
-            _wait(lambda: int(page.text_content("#received")) > 5, what="webcam frames sent")
-            _wait(lambda: page.evaluate("document.querySelector('#output').naturalWidth") == 192,
-                  what="the first AI frame on screen")
-            first = page.locator("#output").screenshot()
-            _wait(lambda: page.locator("#output").screenshot() != first, what="the output to change")
-            status = page.request.get(f"{studio.base}/api/status").json()
-            assert status["source"] == "browser" and status["frames_received"] > 5 and status["inferred"] > 1
+            webcam_reaches_the_model(page, studio.base, 192)
 
             # A typed prompt takes effect.
             page.fill("#prompt", "a neon city at night")
             page.press("#prompt", "Enter")
-            _wait(lambda: page.request.get(f"{studio.base}/api/status").json()["prompt"] == "a neon city at night",
+            _wait(lambda: page_status(page)["prompt"] == "a neon city at night",
                   what="the prompt to reach the loop")
 
-            # A snapshot downloads a PNG and appears in the gallery.
+            # A snapshot downloads the visitor's own output as shown and appears in the gallery.
             with page.expect_download() as download_info:
                 page.click("#snapshot")
             download = download_info.value
             saved = tmp_path / download.suggested_filename
             download.save_as(saved)
-            assert saved.suffix == ".png" and cv2.imread(str(saved)).shape == (128, 192, 3)
+            assert saved.suffix == ".jpg" and cv2.imread(str(saved)).shape == (128, 192, 3)
             _wait(lambda: page.locator("#snapshots img").count() == 1, what="the gallery thumbnail")
 
             page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
@@ -157,8 +167,8 @@ def test_drawing_canvas_steers_the_sketch_controlnet(tmp_path):
             page.goto(f"{studio.base}/?token={studio.token}")
             _wait(lambda: page.text_content("#connection") == "live", what="the WebSocket")
             _wait(lambda: page.is_visible("#drawing") and page.is_visible("#draw-tools"), what="the canvas and tools")
-            _wait(lambda: page.is_visible("#control-strength-row"), what="the control strength slider")
-            status = lambda: page.request.get(f"{studio.base}/api/status").json()  # noqa: E731
+            _wait(lambda: page.is_visible("#knob-control_strength"), what="the control strength slider")
+            status = lambda: page_status(page)  # noqa: E731
             assert status()["source"] == "draw" and status()["control"] == "sketch"
             assert page.input_value("#source") == "draw"
 
@@ -210,9 +220,9 @@ def test_drawing_canvas_steers_the_sketch_controlnet(tmp_path):
             page.click("#clear")
             assert _dark_pixels(page) == 0
 
-            page.fill("#control-strength", "1.5")
+            page.fill("#knob-control_strength input", "1.5")
             _wait(lambda: status()["control_strength"] == 1.5, what="the control strength to reach the loop")
-            page.select_option("#control-mode", "lines")
+            page.select_option("#knob-control select", "lines")
             _wait(lambda: status()["control"] == "lines", what="the control mode to reach the loop")
             browser.close()
     finally:

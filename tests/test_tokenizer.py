@@ -135,8 +135,9 @@ def oracle_ids(folder: Path, prompts: list[str]) -> list[tuple[str, np.ndarray, 
     return results
 
 
-def assert_same_ids(folder: Path, prompts: list[str]) -> None:
-    tokenizer = load_tokenizer(folder)
+def assert_same_ids(folder: Path, prompts: list[str], tokenizer: CLIPTokenizer | None = None) -> None:
+    """`tokenizer` (default: mlx-sdxs's load of `folder`) gives transformers' ids for `folder` on every prompt."""
+    tokenizer = tokenizer or load_tokenizer(folder)
     actual = tokenizer(prompts)
     assert actual.dtype == np.int32 and actual.shape == (len(prompts), 77)
     for oracle_name, expected, lengths in oracle_ids(folder, prompts):

@@ -2,27 +2,25 @@
 ONNX Runtime or CoreML, opened by name from one `BackendChoice`.
 
 The comparison backends need a diffusers checkpoint (and, for ONNX/CoreML, an export of it at the
-render size, made once under the weights folder). Without `--model` every backend uses the default
-model; where that is not available offline, it falls back to random weights in the SDXS-512-0.9 shape,
-labelled as such on every output.
+render size, made once under the weights folder). Without a model every backend uses the default model;
+offline, every backend follows the one rule of `hub.random_stand_in`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from mlx_sdxs import hub, presets, runtime
-from mlx_sdxs.errors import BackendUnavailable, ConfigError, SDXSError, WeightsError
+from mlx_sdxs.errors import BackendUnavailable, ConfigError, ModelUnavailable, SDXSError, WeightsError
 from mlx_sdxs.recipe import Recipe, RecipeSettings
 
 NAMES = ("mlx", "torch", "onnx", "coreml")
-RANDOM_FALLBACK_SHAPE = ">>> falling back to RANDOM WEIGHTS in the {} shape: NOT a trained model <<<"
 #: CoreML's compute units (`--compute-units`), the first the default.
 COMPUTE_UNITS = ("CPU_AND_GPU", "ALL", "CPU_AND_NE", "CPU_ONLY")
-RANDOM_FALLBACK = RANDOM_FALLBACK_SHAPE.format("SDXS-512-0.9")
 
 
 @dataclass(frozen=True)
@@ -49,44 +47,23 @@ class BackendChoice:
         return cls(**values)
 
 
-def random_preset(model: str | None) -> str | None:
-    """The preset whose shape stands in for `model` when it cannot be had offline: the default model's, or a
-    family model's (its base's when the family model only adds a LoRA); None for any other model."""
-    if model is None:
-        return "sdxs-512-0.9"
-    name = hub.family_name(model)
-    if name is None:
-        return None
-    return name if name in presets.names() else hub.family_name(hub.FAMILY[name].base)  # (a LoRA has no stand-in)
-
-
-def load_pipeline(choice: BackendChoice, fallback_to_random: bool = False, log: TextIO | None = None):
-    """The MLX pipeline the choice names; with `fallback_to_random`, random weights in its shape when the
-    default model or a family model cannot be had (offline, nothing cached), saying so."""
+def load_pipeline(choice: BackendChoice, log: TextIO | None = None):
+    """The MLX pipeline the choice names (a known model that cannot be had offline: random weights in its shape,
+    with a `RandomWeightsWarning`), its label said on `log`."""
     from mlx_sdxs.lora import LoraSpec
     from mlx_sdxs.pipeline import SDXSPipeline
 
     log = log if log is not None else sys.stderr
-    dtype = runtime.parse_dtype(choice.dtype)
     loras = [LoraSpec.parse(text) for text in choice.lora]
-    try:
-        pipeline = SDXSPipeline.from_pretrained(choice.model or hub.DEFAULT_MODEL, dtype=dtype, vae=choice.vae,
-                                                weights_root=choice.weights_dir, offline=choice.offline or None,
-                                                kernels=choice.kernels, loras=loras)
-    except SDXSError as exc:
-        preset = random_preset(choice.model)
-        if not fallback_to_random or preset is None:
-            raise
-        family = hub.family_model(choice.model)
-        without = " (and without its LoRA)" if family is not None and family.lora is not None else ""
-        print(f"mlx-sdxs: {exc}\nmlx-sdxs: {RANDOM_FALLBACK_SHAPE.format(preset)}{without}", file=log)
-        pipeline = SDXSPipeline.random(preset, dtype=dtype, kernels=choice.kernels)
+    pipeline = SDXSPipeline.from_pretrained(choice.model or hub.DEFAULT_MODEL, dtype=runtime.parse_dtype(choice.dtype),
+                                            vae=choice.vae, weights_root=choice.weights_dir,
+                                            offline=choice.offline or None, kernels=choice.kernels, loras=loras)
     if pipeline.label:
         print(f"mlx-sdxs: model {pipeline.name}: {pipeline.label}", file=log)
     return pipeline
 
 
-def random_checkpoint(preset: str = "sdxs-512-0.9", weights_root: Path | None = None) -> Path:
+def random_checkpoint(preset: str = presets.DEFAULT, weights_root: Path | None = None) -> Path:
     """A diffusers checkpoint with seeded random weights in a preset's shape, built once under the weights
     folder (needs torch and diffusers, as the comparison backends do)."""
     from mlx_sdxs.convert import atomic_dir
@@ -99,22 +76,18 @@ def random_checkpoint(preset: str = "sdxs-512-0.9", weights_root: Path | None = 
     return folder
 
 
-def diffusers_checkpoint(choice: BackendChoice, log: TextIO | None = None) -> Path:
-    """The diffusers checkpoint folder torch/ONNX/CoreML run: `--model`, else the default model, else
-    (offline, nothing cached) random weights in the SDXS shape."""
-    log = log if log is not None else sys.stderr
-    if choice.model in presets.RANDOM_MODELS:
-        return random_checkpoint(presets.RANDOM_MODELS[choice.model], choice.weights_dir)
-    family = hub.family_model(choice.model)
-    try:
-        folder = hub.checkpoint_folder(family.base if family else choice.model or hub.DEFAULT_MODEL,
-                                       choice.offline or None)
-    except SDXSError as exc:
-        preset = random_preset(choice.model)
-        if preset is None:
-            raise
-        print(f"mlx-sdxs: {exc}\nmlx-sdxs: {RANDOM_FALLBACK_SHAPE.format(preset)}", file=log)
-        return random_checkpoint(preset, choice.weights_dir)
+def diffusers_checkpoint(choice: BackendChoice) -> Path:
+    """The diffusers checkpoint folder torch/ONNX/CoreML run: the model, else the default model (a known model that
+    cannot be had offline: random weights in its shape, see `hub.random_stand_in`)."""
+    model = choice.model or hub.DEFAULT_MODEL
+    if model not in presets.RANDOM_MODELS:
+        family = hub.family_model(model)
+        try:
+            folder = hub.checkpoint_folder(family.base if family else model, choice.offline or None)
+        except ModelUnavailable as exc:
+            model = hub.random_stand_in(model, exc)
+    if model in presets.RANDOM_MODELS:
+        return random_checkpoint(presets.RANDOM_MODELS[model], choice.weights_dir)
     if not hub.is_diffusers_checkpoint(folder):
         raise WeightsError(f"{folder}: the {choice.backend} backend runs a diffusers checkpoint (model_index.json, "
                            "unet/, vae/, …), not a converted MLX folder")
@@ -153,12 +126,12 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
     """The recipe on the chosen backend. Errors a user can act on (not installed, not on this OS, no such
     model) are `SDXSError`s with the backend's own message."""
     if choice.backend not in NAMES:
-        raise SDXSError(f"--backend must be one of {', '.join(NAMES)}, not {choice.backend!r}")
+        raise SDXSError(f"backend must be one of {', '.join(NAMES)}, not {choice.backend!r}")
     if choice.backend == "mlx":
-        return load_pipeline(choice, fallback_to_random=True, log=log).stream(settings, prompt)
+        return load_pipeline(choice, log=log).stream(settings, prompt)
     family = hub.family_model(choice.model)
     if choice.lora or (family is not None and family.lora is not None):
-        raise BackendUnavailable(f"the {choice.backend} backend does not merge LoRAs: run this model with --backend mlx")
+        raise BackendUnavailable(f"the {choice.backend} backend does not merge LoRAs: run this model on the mlx backend")
     if choice.backend == "coreml":
         from mlx_sdxs.backends.coreml import check_available
 
@@ -168,7 +141,7 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
 
         check_export_size(settings.render_size)  # before torch loads for an export that would refuse it
     _require_torch(choice.backend)
-    checkpoint = diffusers_checkpoint(choice, log)
+    checkpoint = diffusers_checkpoint(choice)
     controlnet = presets.controlnet_folder(checkpoint)
     if family is not None and family.controlnet is not None and not presets.is_random_checkpoint(checkpoint):
         controlnet = hub.download(family.controlnet, choice.offline or None)
@@ -191,11 +164,16 @@ def open_backend(choice: BackendChoice, settings: RecipeSettings, prompt: str | 
     if (controlnet is not None) != recipe.controlled:  # an --export-dir made for another model
         recipe.close()
         has = "has no ControlNet, the model has one" if controlnet is not None else "has a ControlNet, the model none"
-        raise ConfigError(f"--export-dir {choice.export_dir}: the export {has}; export this model with "
+        raise ConfigError(f"export folder {choice.export_dir}: the export {has}; export this model with "
                           f"`mlx-sdxs export {choice.backend}`")
-    if presets.is_random_checkpoint(checkpoint):
-        recipe.label = presets.RANDOM_LABEL
     return recipe
+
+
+def compute_threads(backend: Recipe) -> int:
+    """The CPU threads a backend's engine computes with (its own count where it keeps one, else every core): the
+    bench reports them beside its timings so that a comparison is fair."""
+    threads = getattr(backend.engine, "threads", None)
+    return threads if threads is not None else os.cpu_count() or 1
 
 
 def _require_torch(backend: str) -> None:

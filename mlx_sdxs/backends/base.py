@@ -22,19 +22,17 @@ class Backend(Protocol):
     label: str | None
     #: (width, height) of the frames `process` returns.
     render_size: tuple[int, int]
-    #: Whether the model has a ControlNet: then each frame also becomes its control image (`set_control`).
+    #: Whether the model has a ControlNet: then each frame also becomes its control image (`set_control_mode`).
     controlled: bool
     #: When True, `process` synchronises at stage boundaries and fills `last_stage_ms` per stage (the bench);
     #: otherwise `last_stage_ms` holds the host work and the whole frame ("host", "frame").
     profile_stages: bool
     last_stage_ms: dict[str, float]
 
-    def set_prompt(self, prompt: str, prompt_b: str | None = None, blend: float | None = None) -> None:
+    def set_prompt(self, prompt: str, prompt_b: str | None = None, blend: float | None = None) -> tuple[str, ...]:
         """Target a new prompt (or the slerp to `prompt_b` at `blend`; an empty `prompt_b` drops it); the first
-        call sets it at once, later ones morph towards it frame by frame."""
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        """Whether the text encoder cuts `prompt` off (it reads a fixed number of tokens)."""
+        call sets it at once, later ones morph towards it frame by frame. Returns the prompts the text encoder
+        cut off (it reads a fixed number of tokens)."""
 
     def set_prompt_blend(self, blend: float) -> None:
         """Move the conditioning along the slerp from prompt A to prompt B."""
@@ -44,8 +42,10 @@ class Backend(Protocol):
     def set_seed_blend(self, blend: float) -> None:
         """Move the fixed noise along the slerp from the first random seed's to the second's."""
 
-    def set_control(self, mode: str | None = None, strength: float | None = None) -> None:
-        """How frames become the ControlNet's image (`frames.CONTROL_MODES`) and its strength; None keeps one."""
+    def set_control_mode(self, mode: str) -> None:
+        """How frames become the ControlNet's image (`frames.CONTROL_MODES`)."""
+
+    def set_control_strength(self, strength: float) -> None: ...
 
     def worker(self) -> AbstractContextManager:
         """Context for the thread that will make every other call (MLX: a stream that thread owns)."""
@@ -65,3 +65,6 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release models/devices; idempotent."""
+
+    # Optional: `open_stream() -> Backend`, another stream in this backend's batch with the same settings, its
+    # frames run in one batched step with this one's (`backends.batcher`: the studio's visitors).

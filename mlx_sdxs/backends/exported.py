@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mlx_sdxs import presets
 from mlx_sdxs.errors import ConfigError
 from mlx_sdxs.frames import Size, as_size
 from mlx_sdxs.recipe import HostFrames, RecipeSettings
@@ -32,7 +33,8 @@ UNET_OUTPUT = "noise_pred"
 ENCODER_INPUT, ENCODER_OUTPUT = "image", "latents"
 DECODER_INPUT, DECODER_OUTPUT = "latents", "image"
 
-PromptEncoder = Callable[[str], np.ndarray]
+#: Prompt → (CLIP embeddings (1, 77, D) float32, whether the prompt was cut to fit), from one tokenisation.
+PromptEncoder = Callable[[str], tuple[np.ndarray, bool]]
 #: What `mlx-sdxs export coreml --precision` accepts (here, where no torch or coremltools is imported).
 COREML_PRECISIONS = ("float16", "float32")
 #: Each side of an exported graph's (static) render size: a multiple of 64 in this range. Checked here, where
@@ -45,7 +47,7 @@ def check_export_size(render_size: int | Size) -> Size:
     width, height = as_size(render_size)
     low, high = EXPORT_SIDES
     if any(side % 64 or not low <= side <= high for side in (width, height)):
-        raise ConfigError(f"--render-size sides must be multiples of 64 from {low} to {high} for an exported "
+        raise ConfigError(f"render size sides must be multiples of 64 from {low} to {high} for an exported "
                           f"graph (ONNX, CoreML), got {width}x{height}")
     return width, height
 
@@ -95,7 +97,7 @@ class ExportManifest:
         if tuple(self.render_size) != settings.render_size:
             have, want = "x".join(map(str, self.render_size)), settings.describe_size()
             raise ConfigError(f"{folder}: exported for render size {have}, the stream asks for {want} "
-                              f"(a fixed-shape export); re-export with --render-size {want}")
+                              f"(a fixed-shape export); re-export it at render size {want}")
 
     def checkpoint_dir(self, override: str | Path | None) -> Path:
         """The source checkpoint (or `override`), checked to still hold what the backend reads from it."""
@@ -108,9 +110,10 @@ class ExportManifest:
 
 
 class ExportedEngine(HostFrames):
-    """Recipe engine over three exported graphs; subclasses implement `_run(component, feeds)`."""
+    """Recipe engine over three exported graphs; subclasses implement `_run(component, feeds)`. The graphs
+    are exported at batch 1: a group's streams run one after another."""
 
-    label = None
+    batch_sizes = (1,)
 
     def __init__(self, export_dir: str | Path, export_format: str, settings: RecipeSettings,
                  checkpoint_dir: str | Path | None = None, prompt_encoder: PromptEncoder | None = None):
@@ -120,6 +123,7 @@ class ExportedEngine(HostFrames):
         self.manifest = ExportManifest.load(self.export_dir, export_format)
         self.manifest.check_size(self.export_dir, settings)
         checkpoint = self.manifest.checkpoint_dir(checkpoint_dir)
+        self.label = presets.weights_label(checkpoint)
         self.scheduler = OneStepScheduler(SchedulerConfig.from_file(checkpoint / "scheduler" / "scheduler_config.json"))
         self.latent_channels = self.manifest.latent_channels
         if prompt_encoder is None:
@@ -152,18 +156,15 @@ class ExportedEngine(HostFrames):
         [0, 1], strength) feeds an export that holds its ControlNet."""
         feeds = (np.ascontiguousarray(noisy, dtype=np.float32), np.array([timestep], np.float32), embeds)
         if control is not None:
-            feeds += (np.ascontiguousarray(control[0], dtype=np.float32), np.array([control[1]], np.float32))
+            feeds += (np.ascontiguousarray(control[0], dtype=np.float32), np.asarray(control[1], np.float32).reshape(1))
         return self._run("unet", dict(zip(UNET_INPUTS + CONTROL_INPUTS, feeds)))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self._run("vae_decoder", {DECODER_INPUT: np.ascontiguousarray(latent, dtype=np.float32)})
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
-        return np.asarray(self.prompt_encoder(prompt), dtype=np.float32)
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        truncated = getattr(self.prompt_encoder, "truncated", None)
-        return bool(truncated and truncated(prompt))
+    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, bool]:
+        embeds, truncated = self.prompt_encoder(prompt)
+        return np.asarray(embeds, dtype=np.float32), truncated
 
     def from_embeds(self, embeds: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(embeds, dtype=np.float32)

@@ -58,7 +58,7 @@ def write_checkpoint(dst: str | Path, models: dict[str, Any], scheduler_config: 
     return dst
 
 
-def write_random_checkpoint(dst: str | Path, preset: str = "sdxs-512-0.9", seed: int = 0) -> Path:
+def write_random_checkpoint(dst: str | Path, preset: str = presets.DEFAULT, seed: int = 0) -> Path:
     """A diffusers checkpoint with seeded random weights in `preset`'s shape."""
     import torch
 

@@ -115,7 +115,8 @@ def load_scheduler(checkpoint_dir: str | Path) -> OneStepScheduler:
 
 
 class ClipPromptEncoder:
-    """Prompt → CLIP last hidden state (1, 77, D), with transformers' CLIPTokenizer + CLIPTextModel."""
+    """Prompt → (CLIP last hidden state (1, 77, D), whether the prompt was cut to fit), with transformers'
+    CLIPTokenizer + CLIPTextModel."""
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -127,13 +128,13 @@ class ClipPromptEncoder:
         self.device = device
 
     @torch.inference_mode()
-    def __call__(self, prompt: str) -> np.ndarray:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.model(ids.to(self.device))[0].float().cpu().numpy()
-
-    def truncated(self, prompt: str) -> bool:
-        return len(self.tokenizer(prompt).input_ids) > MAX_LENGTH
+    def __call__(self, prompt: str) -> tuple[np.ndarray, bool]:
+        ids = self.tokenizer(prompt).input_ids  # bos … eos, whole: one tokenisation answers both
+        truncated = len(ids) > MAX_LENGTH
+        if truncated:  # as truncation=True cuts: bos, the first MAX_LENGTH − 2 tokens, eos
+            ids = ids[: MAX_LENGTH - 1] + ids[-1:]
+        ids = torch.tensor([ids + [self.tokenizer.pad_token_id] * (MAX_LENGTH - len(ids))])
+        return self.model(ids.to(self.device))[0].float().cpu().numpy(), truncated
 
 
 def check_device(device: str) -> None:
@@ -141,15 +142,13 @@ def check_device(device: str) -> None:
     if device not in available:
         raise BackendUnavailable(f"torch device must be one of {', '.join(available)}, not {device!r}")
     if not available[device]:
-        raise BackendUnavailable(f"torch device {device!r} is not available on this machine (try --device cpu)")
+        raise BackendUnavailable(f"torch device {device!r} is not available on this machine (try device 'cpu')")
 
 
 class TorchEngine:
     """The recipe's engine in PyTorch on a diffusers checkpoint folder (NCHW tensors). With `cuda_graph` (CUDA
     only) the whole frame step is captured once as a CUDA graph and replayed: the strongest torch path a
     user would pick, the one MLX is measured against."""
-
-    label = None
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  cuda_graph: bool = False, controlnet_dir: str | Path | None = None):
@@ -158,7 +157,10 @@ class TorchEngine:
         if cuda_graph and device != "cuda":
             raise BackendUnavailable(f"a CUDA graph needs the cuda device, not {device!r}")
         self.name = f"torch-{device}" + ("-graph" if cuda_graph else "")
+        self.label = presets.weights_label(checkpoint_dir)
         self.device, self.dtype, self.cuda_graph = device, dtype, cuda_graph
+        #: A batch of streams is padded to a bucket on an accelerator, split on the CPU (`recipe.batch_plan`).
+        self.pad_batches = device != "cpu"
         controlnet_dir = controlnet_dir or presets.controlnet_folder(checkpoint_dir)
         self.controlled = controlnet_dir is not None
         unet = load_unet(checkpoint_dir)
@@ -170,20 +172,28 @@ class TorchEngine:
         self.scheduler = load_scheduler(checkpoint_dir)
         self.latent_channels = int(vae.config.latent_channels)
 
+    @property
+    def threads(self) -> int:
+        """torch's intra-op CPU threads."""
+        return torch.get_num_threads()
+
     def check_thread(self) -> None:
         """torch has no per-thread streams to respect."""
 
     def upload(self, frame: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(frame).to(self.device, non_blocking=True)
 
-    def image_in(self, frame: torch.Tensor) -> torch.Tensor:
-        return frame.flip(-1).permute(2, 0, 1)[None].float() * (2.0 / 255.0) - 1.0
+    def image_in(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames.flip(-1).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
 
     def image_out(self, image: torch.Tensor) -> torch.Tensor:
-        return ((image[0].float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).flip(-1)
+        return ((image.float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).flip(-1)
 
-    def download(self, frame: torch.Tensor) -> np.ndarray:
-        return frame.contiguous().cpu().numpy()
+    def download(self, frames: torch.Tensor) -> np.ndarray:
+        return frames.contiguous().cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays))
 
     def condition(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds
@@ -219,11 +229,8 @@ class TorchEngine:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent.to(self.dtype)).float()
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
+    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, bool]:
         return self.prompt_encoder(prompt)
-
-    def prompt_truncated(self, prompt: str) -> bool:
-        return self.prompt_encoder.truncated(prompt)
 
     def from_embeds(self, embeds: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(embeds)).to(self.device, torch.float32)
@@ -263,14 +270,11 @@ class CudaGraphStep:
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.outputs = self.step(self.engine, timestep, *args)
 
-    def __call__(self, engine: TorchEngine, timestep: int, frame, previous, noise, feedback: float, conditioning,
+    def __call__(self, engine: TorchEngine, timestep: int, frames, previous, noise, feedback, conditioning,
                  control=None, clock=None):
-        def scalar(value: float) -> torch.Tensor:
-            return torch.full((), value, device=engine.device, dtype=torch.float32)
-
-        tensors = [frame, previous, noise, scalar(feedback), conditioning]
+        tensors = [frames, previous, noise, feedback, conditioning]
         if control is not None:
-            tensors += [control[0], scalar(control[1])]
+            tensors += list(control)
         if self.graph is None or len(tensors) != len(self.inputs) or any(
                 a.shape != b.shape for a, b in zip(tensors, self.inputs)):
             self._capture(timestep, tensors)

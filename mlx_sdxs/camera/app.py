@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from mlx_sdxs.camera.session import BackendFactory, Closeable, Session
 from mlx_sdxs.errors import SDXSError
@@ -37,7 +37,7 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def run_camera(args: argparse.Namespace, make_backend: BackendFactory, *, studio: bool = False,
-               attach: Callable[[Session], Closeable] | None = None) -> int:
+               attach: Sequence[Callable[[Session], Closeable]] = ()) -> int:
     """One session from parsed flags; returns the exit status (0, 1 on an error, 130 on Ctrl-C/SIGTERM).
     See `Session.open` for `studio` and `attach`."""
     log = sys.stderr

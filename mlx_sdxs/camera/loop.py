@@ -71,6 +71,7 @@ class DisplayLoop:
         self.tick_s = 0.03 if presenter is not None else 0.25
 
     def idle(self) -> None:
+        self.control.publish_stats()
         if self.presenter is not None:
             self.presenter.idle(self.control)
 
@@ -143,14 +144,14 @@ class DisplayLoop:
     def _show(self, tick: Tick) -> str:
         """Present one tick and count it; the stop reason when a frame or result limit is reached."""
         stats = self.control.stats
+        stats.displayed += 1
+        stats.display_rate.tick(time.perf_counter())
+        self.control.publish_stats()  # the figures this tick shows count the tick itself
         if self.presenter is not None:
             self.presenter.present(tick, self.control)
-        now = time.perf_counter()
-        stats.displayed += 1
-        stats.display_rate.tick(now)
         if tick.new_result:
             stats.results_displayed += 1
-            stats.latencies_s.append(now - tick.result.captured_at)
+            stats.latencies_s.append(time.perf_counter() - tick.result.captured_at)
         if self.max_frames is not None and stats.displayed >= self.max_frames:
             return "max frames"
         if self.max_results is not None and stats.results_displayed >= self.max_results:
@@ -160,7 +161,7 @@ class DisplayLoop:
 
 def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None = None, *,
              control: LoopControl | None = None, warmup: bool = False, max_frames: int | None = None,
-             max_results: int | None = None, duration: float | None = None, similarity_threshold: float = 0.0,
+             max_results: int | None = None, duration: float | None = None,
              on_warmup: Callable[[float], None] | None = None, on_ready: Callable[[float], None] | None = None,
              log: TextIO | None = None) -> LoopStats:
     """Run capture → inference → display until `max_frames` display ticks, `max_results` new AI results
@@ -180,8 +181,7 @@ def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None 
     results: LatestSlot[Result] = LatestSlot(cameras.condition)
     shutdown = Shutdown([frames, cameras, results])
     capture = CaptureStage(source, frames, cameras, control, shutdown)
-    inference = InferenceStage(backend, frames, results, control, shutdown, warmup=warmup,
-                               similarity_threshold=similarity_threshold)
+    inference = InferenceStage(backend, frames, results, control, shutdown, warmup=warmup)
     display = DisplayLoop(cameras, results, presenter, control, shutdown,
                           max_frames=max_frames, max_results=max_results, duration=duration)
     inference_thread = threading.Thread(target=inference.run, name=INFERENCE_THREAD, daemon=True)
@@ -195,6 +195,8 @@ def run_loop(source: FrameSource, backend: Backend, presenter: Presenter | None 
                 on_ready(time.perf_counter() - started)
             capture_thread.start()
             started = time.perf_counter()
+            stats.start(started)
+            control.publish_stats()
             stats.stop_reason = display.run()
         else:
             stats.stop_reason = "quit" if control.quit_requested else "error"

@@ -14,11 +14,25 @@ from typing import Protocol, TextIO
 import cv2
 import numpy as np
 
+from mlx_sdxs.camera.sources import DEFAULT_FPS
 from mlx_sdxs.camera.state import LiveState
 from mlx_sdxs.errors import SDXSError
 
 RECORD_SUFFIXES = (".mp4", ".mov", ".m4v")
-VIEWS = ("ai", "display", "camera")
+#: What an output shows: the AI image as shown, the window (camera | AI with overlays), the camera frame.
+AI_VIEW, DISPLAY_VIEW, CAMERA_VIEW = "ai", "display", "camera"
+VIEWS = (AI_VIEW, DISPLAY_VIEW, CAMERA_VIEW)
+#: Where snapshots (the s key, the studio's) go unless --save-dir says otherwise.
+SAVE_DIR = Path("captures")
+#: A fragment (and a keyframe) every second, flushed as written: a file cut off by a crash loses at most the last
+#: second. Shared by the recordings and `mlx-sdxs stylize`.
+FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": "1000000",
+                  "flush_packets": "1"}
+
+
+def h264_options(fps: float) -> dict[str, str]:
+    """libx264's settings for an output at `fps`: a keyframe every second (one per fragment)."""
+    return {"preset": "veryfast", "crf": "20", "tune": "zerolatency", "g": str(max(1, round(fps)))}
 
 
 class OutputError(SDXSError):
@@ -75,16 +89,12 @@ class _H264Writer:
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
         import av
 
-        # A fragment (and a keyframe) every second, flushed as written: at most the last second is lost.
-        self._container = av.open(str(path), "w", format="mp4", options={
-            "movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": "1000000",
-            "flush_packets": "1"})
+        self._container = av.open(str(path), "w", format="mp4", options=FRAGMENTED_MP4)
         rate = Fraction(fps).limit_denominator(1001)
         self._stream = self._container.add_stream("libx264", rate=rate)
         self._stream.width, self._stream.height = size
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"preset": "veryfast", "crf": "20", "tune": "zerolatency",
-                                "g": str(max(1, round(fps)))}
+        self._stream.options = h264_options(fps)
         self._size = size
         self._av = av
 
@@ -133,7 +143,7 @@ class VideoRecorder:
     the whole window."""
 
     def __init__(self, path: str | Path, fps: float, log: TextIO | None = None, every_frame: bool = False,
-                 view: str = "ai"):
+                 view: str = AI_VIEW):
         self.path = Path(path)
         self.every_frame, self.view = every_frame, view
         if self.path.suffix.lower() not in RECORD_SUFFIXES:
@@ -142,7 +152,7 @@ class VideoRecorder:
             raise OutputError(f"--record-view must be one of {', '.join(VIEWS)}, not {view!r}")
         if not self.path.parent.is_dir():
             raise OutputError(f"--record {self.path}: folder {self.path.parent} does not exist")
-        self.fps = fps if fps > 0 else 30.0
+        self.fps = fps if fps > 0 else DEFAULT_FPS
         self.codec = "h264" if h264_available() else "mp4v"
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.frames_written = 0
@@ -183,7 +193,7 @@ class VideoRecorder:
 class FramesWriter:
     """Every displayed frame as a numbered PNG."""
 
-    view = "display"
+    view = DISPLAY_VIEW
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

@@ -18,14 +18,16 @@ import cv2
 import numpy as np
 
 from mlx_sdxs.camera.loop import Tick
-from mlx_sdxs.camera.outputs import OpenCVWindow, OutputError, Sink, StatusLine
-from mlx_sdxs.camera.state import EMA_MAX, LiveState, LoopControl
+from mlx_sdxs.camera.outputs import (AI_VIEW, CAMERA_VIEW, DISPLAY_VIEW, SAVE_DIR, OpenCVWindow, OutputError, Sink,
+                                     StatusLine)
+from mlx_sdxs.camera.state import LiveState, LoopControl
 from mlx_sdxs.frames import fit
-from mlx_sdxs.recipe import MAX_CONTROL_STRENGTH
+from mlx_sdxs.knobs import KNOBS, Knob
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-STEP = 0.1
 KEY_ESC = 27
+#: Keys a knob also answers to: the same key without Shift on a US keyboard.
+KEY_ALIASES = {"=": "+", "_": "-"}
 
 
 def _ascii(text: str) -> str:
@@ -100,28 +102,35 @@ def compose_frame(camera: np.ndarray, ai: np.ndarray, height: int, *, blend: flo
 
 
 
+def _keyed(state: LiveState) -> list[Knob]:
+    """The knobs the keys turn now: those this session has (a prompt blend once there is a prompt B)."""
+    return [knob for knob in KNOBS.values() if knob.keys and state.has(knob)
+            and (knob.name != "prompt_blend" or state.prompt_b)]
+
+
 def status_lines(state: LiveState) -> list[str]:
-    """The overlay's two lines: rates and the prompt, then the knobs and the keys."""
+    """The overlay's lines: rates and the prompt, then every number knob this session has, then the keys."""
     live = state.stats
     index, count = state.prompt_index, len(state.gallery)
     place = f"{index + 1}/{count}" if index >= 0 else f"-/{count}"
-    blends = f"prompt blend {state.prompt_blend:.2f} | " if state.prompt_b else ""
-    blends += f"seed blend {state.seed_blend:.2f} | " if state.seed_blend is not None else ""
-    blends += f"control {state.control} {state.control_strength:.2f} | " if state.control is not None else ""
+    values = [f"{knob.words} {state.control + ' ' if knob.name == 'control_strength' else ''}"
+              f"{getattr(state, knob.name):.2f}" for knob in KNOBS.values()
+              if knob.kind == "number" and state.has(knob) and (knob.name != "prompt_blend" or state.prompt_b)]
+    keys = "  ".join(f"{k.keys[1]}/{k.keys[0]} {k.words}" for k in _keyed(state))
     return [
         f"AI: {live.get('ai_fps', 0.0):.1f} FPS | Display: {live.get('display_fps', 0.0):.1f} FPS | "
         f"Prompt {place}: {state.prompt}",
-        f"{blends}feedback {state.feedback:.2f} | blend {state.blend:.2f} | ema {state.ema:.2f} | "
-        "q quit  s save  n/p prompt  +/- blend  e/d ema",
+        " | ".join(values),
+        f"q quit  s save  n/p prompt  {keys}",
     ]
 
 
 class Presenter:
-    """Keys: q/ESC quit · s save the AI image · n/p next/previous gallery prompt · +/- camera blend · e/d EMA ·
-    [/] prompt A↔B blend · ,/. random-seed A↔B blend · c/v ControlNet strength."""
+    """Keys: q/ESC quit · s save the AI image · n/p next/previous gallery prompt · and each knob's own pair
+    from the knob table (+/- camera blend, e/d EMA, [/] prompt A↔B, ,/. seed A↔B, c/v control strength)."""
 
     def __init__(self, *, output_size: int, window: OpenCVWindow | None = None, sinks: Sequence[Sink] = (),
-                 status: StatusLine | None = None, save_dir: str | Path = "captures", overlay: bool = True,
+                 status: StatusLine | None = None, save_dir: str | Path = SAVE_DIR, overlay: bool = True,
                  log: TextIO | None = None):
         self.output_size, self.window, self.sinks = output_size, window, list(sinks)
         self.status, self.save_dir, self.overlay = status, Path(save_dir), overlay
@@ -154,10 +163,12 @@ class Presenter:
         if state.blend > 0:
             ai = cv2.addWeighted(ai, 1.0 - state.blend, camera, state.blend, 0.0)
         ai_view = draw_banner(ai.copy(), state.label) if state.label else ai
-        lines = status_lines(state) if self.overlay else ()
-        frame = compose_frame(camera, ai, self.output_size, lines=lines, banner=state.label)
+        frame = None  # the whole window's view, composed only for a window or an output that takes it
+        if self.window is not None or any(sink.view == DISPLAY_VIEW for sink in self.sinks):
+            lines = status_lines(state) if self.overlay else ()
+            frame = compose_frame(camera, ai, self.output_size, lines=lines, banner=state.label)
         self.last_frame, self.last_ai_view = frame, ai_view
-        views = {"ai": ai_view, "display": frame, "camera": camera}
+        views = {AI_VIEW: ai_view, DISPLAY_VIEW: frame, CAMERA_VIEW: camera}
         for sink in self.sinks:
             sink.write(views[sink.view], now)
         if self.window is not None:
@@ -174,6 +185,7 @@ class Presenter:
         if key < 0:
             return
         char = chr(key).lower() if key < 256 else ""
+        char = KEY_ALIASES.get(char, char)
         state = control.state
         if key == KEY_ESC or char == "q":
             control.quit()
@@ -183,16 +195,10 @@ class Presenter:
             step = 1 if char == "n" else -1
             index = state.prompt_index if state.prompt_index >= 0 else (-1 if step == 1 else 0)
             control.request(prompt=state.gallery[(index + step) % len(state.gallery)])
-        elif char in ("+", "=", "-", "_"):
-            control.request(blend=_step(state.blend, char in ("+", "="), 1.0))
-        elif char in ("e", "d"):
-            control.request(ema=_step(state.ema, char == "e", EMA_MAX))
-        elif char in ("[", "]") and state.prompt_b:
-            control.request(prompt_blend=_step(state.prompt_blend, char == "]", 1.0))
-        elif char in (",", ".") and state.seed_blend is not None:
-            control.request(seed_blend=_step(state.seed_blend, char == ".", 1.0))
-        elif char in ("c", "v") and state.control_strength is not None:
-            control.request(control_strength=_step(state.control_strength, char == "v", MAX_CONTROL_STRENGTH))
+        else:
+            for knob in _keyed(state):
+                if char in knob.keys:
+                    control.request(**{knob.name: knob.stepped(control.wanted(knob.name), char == knob.keys[1])})
 
     def save(self) -> Path | None:
         """The AI image as shown (EMA and blend applied, no overlays) to a timestamped PNG in `save_dir`."""
@@ -218,6 +224,3 @@ class Presenter:
         if failure is not None:
             raise failure
 
-
-def _step(value: float, up: bool, high: float) -> float:
-    return min(high, round(value + STEP, 2)) if up else max(0.0, round(value - STEP, 2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Callable, Protocol, Sequence, TextIO
 
 from mlx_sdxs import runtime
 from mlx_sdxs.backends.base import Backend
@@ -22,6 +22,7 @@ from mlx_sdxs.camera.sources import FrameSource, open_source
 from mlx_sdxs.camera.state import LiveState, LoopControl
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import SDXSError, SourceError
+from mlx_sdxs.knobs import KNOBS
 
 BackendFactory = Callable[[argparse.Namespace], Backend]
 
@@ -47,15 +48,10 @@ def prompt_list(args: argparse.Namespace) -> tuple[list[str], int]:
     return prompts, prompts.index(args.prompt)
 
 
-def initial_knobs(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags' knob values, requested like any later change (the control knobs, which the backend opens
-    with, are published with it)."""
-    knobs = {"prompt": args.prompt, "feedback": args.feedback, "blend": args.blend, "ema": args.ema}
-    if args.prompt_b:
-        knobs.update(prompt_b=args.prompt_b, prompt_blend=args.prompt_blend)
-    if args.seed_b is not None:
-        knobs["seed_blend"] = args.seed_blend
-    return knobs
+def initial_knobs(args: argparse.Namespace, state: LiveState) -> dict[str, Any]:
+    """The flags' value of every knob this session has, requested like any later change."""
+    values = {name: getattr(args, name) for name, knob in KNOBS.items() if state.has(knob)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 class Session:
@@ -71,10 +67,10 @@ class Session:
 
     @classmethod
     def open(cls, args: argparse.Namespace, make_backend: BackendFactory, *, studio: bool = False,
-             attach: Callable[["Session"], Closeable] | None = None, log: TextIO | None = None) -> "Session":
+             attach: Sequence[Callable[["Session"], Closeable]] = (), log: TextIO | None = None) -> "Session":
         """Everything the flags ask for. Sets `args.prompt` (the initial prompt) and `args.render_size` before
         calling `make_backend(args)`. With `studio` there is no window, and without --source no source yet
-        (the page's webcam comes through `attach`). A failure closes what was opened, then raises."""
+        (the page's webcam comes through an `attach` hook: each hook adds a control surface or server). A failure closes what was opened, then raises."""
         log = log if log is not None else sys.stderr
         if args.source == DRAW_SOURCE and not studio:
             raise SourceError("--source draw is the studio page's drawing canvas: run `mlx-sdxs studio --source draw`")
@@ -83,20 +79,22 @@ class Session:
         args.prompt = prompts[index]
         args.render_size = args.render_size or default_render_size(args)
         control = LoopControl(LiveState(gallery=tuple(prompts), render_size=tuple(args.render_size),
-                                        seed_blend=args.seed_blend if args.seed_b is not None else None))
-        session = cls(args, control, cls._presenter(args, studio, attach is not None, log), log)
+                                        has_seed_b=args.seed_b is not None))
+        # Before any control surface is attached, so a knob turned while the model loads wins over the flag.
+        control.request(**initial_knobs(args, control.state))
+        session = cls(args, control, cls._presenter(args, studio, bool(attach), log), log)
         try:
             if not (studio and args.source in (None, DRAW_SOURCE)):
                 session.source = open_source(args.source, size=args.capture_size, fps=args.fps, loop=args.loop, log=log)
-            if attach is not None:
-                session.servers.append(attach(session))
+            session.servers.extend(hook(session) for hook in attach)
             session._add_files()
             session.backend = make_backend(args)
             backend = session.backend
             control.publish(backend=backend.name, label=backend.label, render_size=tuple(backend.render_size),
-                            **({"control": args.control, "control_strength": args.control_strength}
-                               if backend.controlled else {}))
-            control.request(**initial_knobs(args))
+                            controlled=backend.controlled)
+            if backend.controlled:  # the knobs only a model with a ControlNet has
+                control.request(**{name: value for name, value in initial_knobs(args, control.state).items()
+                                   if KNOBS[name].requires == "controlnet"})
         except BaseException:
             session.close(1)
             raise
@@ -148,8 +146,7 @@ class Session:
 
         self.ran = True
         return run_loop(self.source, backend, self.presenter, control=self.control, warmup=True,
-                        max_frames=args.max_frames, duration=args.duration,
-                        similarity_threshold=args.similarity_threshold, log=log, on_ready=ready,
+                        max_frames=args.max_frames, duration=args.duration, log=log, on_ready=ready,
                         on_warmup=still_warming)
 
     def close(self, status: int) -> int:

@@ -22,6 +22,8 @@ from mlx_sdxs.frames import MIN_SIDE
 
 DEFAULT_SIZE = (640, 480)
 DEFAULT_FPS = 30.0
+#: The built-in scene: its source name and `--source` spelling (`synthetic:IMAGE` pans over an image).
+SYNTHETIC = "synthetic"
 #: Waits between reconnect attempts when a camera stops delivering (seconds); then the source gives up.
 RECONNECT_DELAYS = (0.25, 0.5, 1.0)
 
@@ -87,7 +89,7 @@ class SyntheticSource:
             raise SourceError(f"synthetic source size {width}×{height} is too small: "
                               f"at least {MIN_SIDE}×{MIN_SIDE}")
         self.width, self.height, self.fps, self.seed = width, height, fps, seed
-        self.name = f"synthetic:{image}" if image else "synthetic"
+        self.name = f"{SYNTHETIC}:{image}" if image else SYNTHETIC
         self.index = 0
         self._pacer = Pacer(fps)
         rng = np.random.default_rng(seed)
@@ -277,7 +279,7 @@ def open_source(spec: str | None, *, size: tuple[int, int] = DEFAULT_SIZE, fps: 
         print("mlx-sdxs: no camera found (camera 0 did not open); using the built-in synthetic scene "
               "(--source synthetic). Pick a camera with --source N or a video with --source PATH", file=log)
         return SyntheticSource(width, height, camera_fps)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":"):
         image = spec.partition(":")[2] or None
         return SyntheticSource(width, height, camera_fps, image=image)
     if spec.strip().isdigit():

@@ -16,6 +16,7 @@ from mlx_sdxs.camera.slots import LatestSlot
 from mlx_sdxs.camera.sources import FrameSource, validate_frame
 from mlx_sdxs.camera.state import LoopControl
 from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.knobs import KNOBS
 from mlx_sdxs.tokenizer import MAX_LENGTH
 
 #: After a prompt change the backend morphs over many frames; the similarity filter must not freeze that.
@@ -127,27 +128,27 @@ class CaptureStage:
             self.frames.close()
 
 
-def apply_requests(backend: Backend, control: LoopControl) -> bool:
-    """Hand the requested model knobs to the backend, then publish them as the state; True when the
-    conditioning changes (the backend morphs towards it)."""
+def apply_requests(backend: Backend, control: LoopControl, gate: "SimilarityGate | None" = None) -> bool:
+    """Hand the requested knobs to where they act (the backend's setter from the knob table, the prompts
+    together, the similarity gate), then publish them as the state; True when the conditioning changes (the
+    backend morphs towards it)."""
     changes = control.take_requests()
     if not changes:
         return False
     state = control.state
-    if "feedback" in changes:
-        backend.set_feedback(changes["feedback"])
-    if "seed_blend" in changes:
-        backend.set_seed_blend(changes["seed_blend"])
-    if "control" in changes or "control_strength" in changes:
-        backend.set_control(changes.get("control"), changes.get("control_strength"))
+    for name, value in changes.items():
+        setter = KNOBS[name].setter
+        if setter is not None:
+            getattr(backend, setter)(value)
+    if gate is not None and "similarity_threshold" in changes:
+        gate.threshold = changes["similarity_threshold"]
     prompts_changed = {"prompt", "prompt_b"} & changes.keys()
     note = state.note
     if prompts_changed:
         prompt = changes.get("prompt", state.prompt)
         prompt_b = changes.get("prompt_b", state.prompt_b or "")  # "" drops prompt B
-        backend.set_prompt(prompt, prompt_b, changes.get("prompt_blend", state.prompt_blend))
-        cut = [name for name, text in (("prompt", prompt), ("prompt B", prompt_b))
-               if text and backend.prompt_truncated(text)]
+        truncated = backend.set_prompt(prompt, prompt_b, changes.get("prompt_blend", state.prompt_blend))
+        cut = [name for name, text in (("prompt", prompt), ("prompt B", prompt_b)) if text and text in truncated]
         note = (f"{' and '.join(cut)} {'is' if len(cut) == 1 else 'are'} longer than the text encoder's "
                 f"{MAX_LENGTH} tokens: the end was cut off") if cut else ""
     elif "prompt_blend" in changes:
@@ -167,10 +168,10 @@ class InferenceStage:
     device's; when none is there, the current one is read back at once (no added latency)."""
 
     def __init__(self, backend: Backend, frames: LatestSlot, results: LatestSlot, control: LoopControl,
-                 shutdown: Shutdown, *, warmup: bool, similarity_threshold: float):
+                 shutdown: Shutdown, *, warmup: bool):
         self.backend, self.frames, self.results, self.control = backend, frames, results, control
         self.shutdown, self.warmup = shutdown, warmup
-        self.gate = SimilarityGate(similarity_threshold)
+        self.gate = SimilarityGate(control.state.similarity_threshold)
         self.ready = threading.Event()
         self.last_seq = 0
 
@@ -187,7 +188,7 @@ class InferenceStage:
 
     def _run(self) -> None:
         control = self.control
-        apply_requests(self.backend, control)  # the session's initial knobs, the first prompt among them
+        apply_requests(self.backend, control, self.gate)  # the session's initial knobs, the first prompt among them
         if self.warmup:
             self.backend.warmup()
         self.ready.set()
@@ -201,11 +202,11 @@ class InferenceStage:
                     in_flight = None
                 elif not control.has_requests or self.frames.closed:
                     break  # the source ended (or the loop stops) and everything is delivered
-                if apply_requests(self.backend, control):
+                if apply_requests(self.backend, control, self.gate):
                     self.gate.force(MORPH_FRAMES)
                 continue
             self.last_seq, (captured_at, frame) = taken
-            if apply_requests(self.backend, control):
+            if apply_requests(self.backend, control, self.gate):
                 self.gate.force(MORPH_FRAMES)
             if self.gate.should_skip(frame):  # never the first frame: the gate has no reference yet
                 control.stats.skipped_similar += 1

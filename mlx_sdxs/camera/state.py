@@ -3,9 +3,10 @@
 its viewers — and one way to change a knob: a request on `LoopControl`, from keys, the studio or the
 command line's initial values alike.
 
-Model knobs (prompts, blends, feedback, the noise blend) are the inference thread's: it hands them to the
-backend before its next frame and only then publishes them, so the state shows what the frames use.
-Display knobs (camera blend, EMA) touch no model: they are published at once and the next tick uses them.
+The knobs are declared once, in `mlx_sdxs.knobs`. Those that act on the recipe or the similarity gate are the
+inference thread's: it hands them over before its next frame and only then publishes them, so the state shows
+what the frames use. Display knobs (camera blend, EMA) touch no model: they are published at once and the next
+tick uses them.
 """
 
 from __future__ import annotations
@@ -16,30 +17,27 @@ from typing import Any, Callable
 
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import ConfigError
-from mlx_sdxs.recipe import MAX_CONTROL_STRENGTH, check_control, check_fraction
-
-MODEL_KNOBS = ("prompt", "prompt_b", "prompt_blend", "feedback", "seed_blend", "control", "control_strength")
-DISPLAY_KNOBS = ("blend", "ema")
-#: The EMA's ceiling: at 1 the shown image would never change again.
-EMA_MAX = 0.95
-MAX_PROMPT_CHARS = 2000
+from mlx_sdxs.knobs import DISPLAY_KNOBS, KNOBS, Knob
 
 
 @dataclass(frozen=True)
 class LiveState:
-    """What the session is doing now. Model knobs are the values the backend uses; `seed_blend` is None in a
-    session without a second random seed, `control` (how frames become the ControlNet's image) and
-    `control_strength` in one without a ControlNet."""
+    """What the session is doing now: one field per knob of `knobs.TABLE` (model knobs are the values the
+    backend uses), what the session has (`controlled`: a ControlNet, `has_seed_b`: a second random seed) and
+    its facts and figures."""
 
     prompt: str = ""
     prompt_b: str | None = None
-    prompt_blend: float = 0.0
-    feedback: float = 0.0
-    seed_blend: float | None = None
+    prompt_blend: float = KNOBS["prompt_blend"].default
+    feedback: float = KNOBS["feedback"].default
+    seed_blend: float = KNOBS["seed_blend"].default
     control: str | None = None
-    control_strength: float | None = None
-    blend: float = 0.0
-    ema: float = 0.0
+    control_strength: float = KNOBS["control_strength"].default
+    similarity_threshold: float = KNOBS["similarity_threshold"].default
+    blend: float = KNOBS["blend"].default
+    ema: float = KNOBS["ema"].default
+    controlled: bool = False
+    has_seed_b: bool = False
     backend: str = ""
     label: str | None = None
     render_size: tuple[int, int] = (0, 0)
@@ -54,31 +52,28 @@ class LiveState:
         """The prompt's place in the gallery, -1 when it is not one of them."""
         return self.gallery.index(self.prompt) if self.prompt in self.gallery else -1
 
+    def has(self, knob: Knob) -> bool:
+        """Whether this session has `knob` (a ControlNet's knobs need one, the seed blend a second seed)."""
+        return {"controlnet": self.controlled, "seed_b": self.has_seed_b}.get(knob.requires, True)
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob this session has, with its value."""
+        return {knob.name: getattr(self, knob.name) for knob in KNOBS.values() if self.has(knob)}
+
 
 def checked(state: LiveState, changes: dict[str, Any]) -> dict[str, Any]:
-    """`changes` to knobs, each value checked (ConfigError naming the knob), prompts trimmed."""
-    unknown = set(changes) - set(MODEL_KNOBS) - set(DISPLAY_KNOBS)
+    """`changes` to knobs, each value checked by its table entry (ConfigError naming the knob and its range)."""
+    unknown = set(changes) - set(KNOBS)
     if unknown:
-        raise ConfigError(f"unknown knob(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown knob(s): {', '.join(sorted(unknown))} (knobs: {', '.join(KNOBS)})")
     out: dict[str, Any] = {}
-    for knob, value in changes.items():
-        if knob in ("prompt", "prompt_b"):
-            text = str(value if value is not None else "")[:MAX_PROMPT_CHARS].strip()
-            if knob == "prompt" and not text:
-                raise ConfigError("the prompt is empty")
-            out[knob] = text
-        elif knob == "seed_blend" and state.seed_blend is None:
-            raise ConfigError("a seed blend needs a second random seed (--seed-b)")
-        elif knob in ("control", "control_strength") and state.control is None:
-            raise ConfigError(f"{knob.replace('_', ' ')} needs a model with a ControlNet "
-                              "(e.g. --model sdxs-512-dreamshaper-sketch)")
-        elif knob == "control":
-            check_control(value, None)
-            out[knob] = value
-        elif knob == "control_strength":
-            out[knob] = check_fraction(value, "control strength", MAX_CONTROL_STRENGTH)
-        else:
-            out[knob] = check_fraction(value, knob.replace("_", " "), EMA_MAX if knob == "ema" else 1.0)
+    for name, value in changes.items():
+        knob = KNOBS[name]
+        if not state.has(knob):
+            needs = {"controlnet": "a model with a ControlNet (e.g. sdxs-512-dreamshaper-sketch)",
+                     "seed_b": "a second random seed (--seed-b)"}[knob.requires]
+            raise ConfigError(f"{knob.words} needs {needs}")
+        out[name] = knob.check(value)
     return out
 
 
@@ -106,7 +101,7 @@ class LoopControl:
             display = {k: v for k, v in valid.items() if k in DISPLAY_KNOBS}
             if display:
                 self._state = replace(self._state, **display)
-            self._pending.update({k: v for k, v in valid.items() if k in MODEL_KNOBS})
+            self._pending.update({k: v for k, v in valid.items() if k not in DISPLAY_KNOBS})
             wake = self._wake if self._pending else None
         if wake is not None:
             wake()
@@ -116,6 +111,11 @@ class LoopControl:
         with self._lock:
             pending, self._pending = self._pending, {}
             return pending
+
+    def wanted(self, name: str) -> Any:
+        """Knob `name`'s newest value: requested and not yet applied, else the state's (a key press steps from it)."""
+        with self._lock:
+            return self._pending.get(name, getattr(self._state, name))
 
     @property
     def has_requests(self) -> bool:

@@ -14,24 +14,42 @@ LATENCY_WINDOW = 100_000
 
 
 class RateMeter:
-    """Events per second over the last `window` events (thread-safe: written by one thread, read by another)."""
+    """Events per second (thread-safe: written by one thread, read by another). Until `window` events have
+    happened since `start`, the rate is the session summary's own figure — events over the time since the
+    start — so a live readout agrees with the summary from the first second; after that, the mean rate of
+    the last `window` events, which follows changes."""
 
     def __init__(self, window: int = 30):
         self._stamps: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
+        self._started: float | None = None
+        self._count = 0
+
+    def start(self, now: float) -> None:
+        """Count from `now` (the loop's start, after warm-up)."""
+        with self._lock:
+            self._started, self._count = now, 0
+            self._stamps.clear()
+
+    @property
+    def started(self) -> float | None:
+        return self._started
 
     def tick(self, now: float) -> None:
         with self._lock:
             self._stamps.append(now)
+            self._count += 1
 
     def rate(self, now: float | None = None) -> float:
-        """Mean rate of the recent events; 0 once they stopped (e.g. every frame skipped as similar)."""
+        """The rate now; 0 once events stopped for a while (e.g. every frame skipped as similar)."""
         with self._lock:
-            stamps = list(self._stamps)
+            stamps, started, count = list(self._stamps), self._started, self._count
+        now = time.perf_counter() if now is None else now
+        if started is not None and count < (self._stamps.maxlen or 0):
+            return count / (now - started) if now > started else 0.0
         if len(stamps) < 2 or stamps[-1] <= stamps[0]:
             return 0.0
         interval = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-        now = time.perf_counter() if now is None else now
         return 0.0 if now - stamps[-1] > max(2.0, 3 * interval) else 1.0 / interval
 
 
@@ -58,6 +76,11 @@ class LoopStats:
     @property
     def dropped_stale(self) -> int:
         return self.dropped_before_inference + self.dropped_before_display
+
+    def start(self, now: float) -> None:
+        """The loop starts counting (after warm-up): the rates and `elapsed_s` count from here."""
+        self.ai_rate.start(now)
+        self.display_rate.start(now)
 
     def fps(self, count: int) -> float:
         return count / self.elapsed_s if self.elapsed_s > 0 else 0.0

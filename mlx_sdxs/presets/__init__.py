@@ -17,14 +17,24 @@ COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 #: Components a model may add to the four above, each in its own folder of a checkpoint or converted folder.
 CONTROLNET = "controlnet"
 OPTIONAL_COMPONENTS = (CONTROLNET,)
-#: `--model` names that build random weights offline, and the preset whose shape they take.
-RANDOM_MODELS = {"random": "sdxs-512-0.9", "random-tiny": "tiny", "random-tiny-sketch": "tiny-sketch"}
+#: The default model's preset (`hub.DEFAULT_MODEL`'s family name): its random stand-in's shape, and the bench's.
+DEFAULT = "sdxs-512-0.9"
 RANDOM_LABEL = "RANDOM WEIGHTS - not a trained model"
 
 
 def names() -> list[str]:
     return sorted(p.name for p in FOLDER.iterdir() if (p / "unet" / "config.json").is_file()
                   or (p / "preset.json").is_file())
+
+
+def random_model(preset: str) -> str:
+    """The model name of random weights in `preset`'s shape: "random" for the default model's, else "random-<preset>"."""
+    return "random" if preset == DEFAULT else f"random-{preset}"
+
+
+#: Model names that build random weights offline (one per preset: each known model's stand-in, and the tiny
+#: test models), and the preset whose shape they take.
+RANDOM_MODELS = {random_model(preset): preset for preset in [DEFAULT, *(p for p in names() if p != DEFAULT)]}
 
 
 def _config_file(folder: Path, component: str) -> Path:
@@ -69,3 +79,8 @@ def is_random_checkpoint(folder: Path) -> bool:
         return bool(json.loads((Path(folder) / "model_index.json").read_text()).get(RANDOM_MARKER))
     except (OSError, ValueError):
         return False
+
+
+def weights_label(folder: str | Path) -> str | None:
+    """What every output of a model loaded from `folder` must say: RANDOM_LABEL for random weights, else None."""
+    return RANDOM_LABEL if is_random_checkpoint(Path(folder)) else None

@@ -13,11 +13,12 @@ import cv2
 import numpy as np
 
 from mlx_sdxs.camera.picker import PUSHED_SOURCES, BrowserSource, SwitchableSource, control_mode_for
-from mlx_sdxs.camera.state import DISPLAY_KNOBS, MODEL_KNOBS, LoopControl
+from mlx_sdxs.camera.state import LoopControl
 from mlx_sdxs.camera.stats import LoopStats
 from mlx_sdxs.errors import SDXSError
 from mlx_sdxs.frames import MIN_SIDE
 from mlx_sdxs.imageio import header_size
+from mlx_sdxs.knobs import KNOBS, PROMPT_KNOBS
 from mlx_sdxs.studio.recording import RecordingSink
 
 #: Largest incoming frame: bytes of JPEG, and pixels once its header is read (before decoding).
@@ -28,22 +29,24 @@ NO_FIGURES = LoopStats().live()
 
 
 class Controls:
-    def __init__(self, control: LoopControl, source: SwitchableSource, recordings: RecordingSink, dropped: Counter):
+    """One stream's: the host's (with its recorder), or a visitor's own (`recordings` None: nothing to record)."""
+
+    def __init__(self, control: LoopControl, source: SwitchableSource, recordings: RecordingSink | None,
+                 dropped: Counter):
         self.control, self.source, self.recordings, self.dropped = control, source, recordings, dropped
 
     def status(self) -> dict[str, Any]:
         state = self.control.state
-        return {**NO_FIGURES, **state.stats,
+        knobs = state.knobs()
+        return {**NO_FIGURES, **state.stats, **knobs, "knobs": list(knobs),
                 "backend": state.backend, "label": state.label, "render_size": list(state.render_size),
-                "prompt": state.prompt, "prompt_b": state.prompt_b, "prompt_blend": state.prompt_blend,
-                "feedback": state.feedback, "seed_blend": state.seed_blend, "blend": state.blend, "ema": state.ema,
-                "control": state.control, "control_strength": state.control_strength,
                 "gallery": list(state.gallery), "note": state.note,
                 "source": self.source.current, "sources": self.source.choices,
                 "frames_received": sum(source.received for source in map(self.source.get, PUSHED_SOURCES)
                                        if isinstance(source, BrowserSource)),
                 "dropped_messages": dict(self.dropped),
-                "recording": self.recordings.active, "recordings": list(self.recordings.finished)}
+                "recording": self.recordings is not None and self.recordings.active,
+                "recordings": list(self.recordings.finished) if self.recordings is not None else []}
 
     def handle_text(self, text: str) -> dict[str, Any] | None:
         """One JSON control; the reply to send back, if any. Malformed or out-of-range ones are counted."""
@@ -56,18 +59,14 @@ class Controls:
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any] | None:
         kind = message.get("type")
-        if kind in ("prompt", "settings"):
-            knobs = {k: message[k] for k in (*MODEL_KNOBS, *DISPLAY_KNOBS) if k in message}
-            if kind == "settings":
-                knobs = {k: v for k, v in knobs.items() if k not in ("prompt", "prompt_b")}
-            if "seed_blend" in knobs and self.control.state.seed_blend is None:
-                del knobs["seed_blend"]  # no second random seed in this session
-            self.control.request(**knobs)
+        if kind in ("prompt", "settings"):  # a prompt message carries the prompts, a settings message the rest
+            names = PROMPT_KNOBS if kind == "prompt" else [k for k in KNOBS if k not in ("prompt", "prompt_b")]
+            self.control.request(**{k: message[k] for k in names if k in message})
             return None
         if kind == "source":
             choice = str(message.get("source"))
             self.source.switch(choice)
-            if self.control.state.control is not None:
+            if self.control.state.controlled:
                 self.control.request(control=control_mode_for(choice))
             return None
         if kind == "record":

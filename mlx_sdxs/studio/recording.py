@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_sdxs.camera.outputs import VideoRecorder
+from mlx_sdxs.camera.outputs import AI_VIEW, VideoRecorder
 
 
 class RecordingSink:
     """A display sink that records the AI view while the page asks it to; start/stop from the server
     thread, frames from the display thread, one lock between them."""
 
-    view = "ai"
+    view = AI_VIEW
 
     def __init__(self, folder: Path, fps: float, log):
         self.folder, self.fps, self._log = folder, fps, log

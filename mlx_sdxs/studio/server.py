@@ -2,10 +2,14 @@
 It reads the session's live state and turns the page's controls into `LoopControl` requests; its own parts are
 outputs (the broadcasts, the recorder) and the source picker. It never touches the model.
 
-Routes (every one behind `guard.Guard`: loopback Host, the per-run token, same Origin for the WebSocket):
+Routes (every one behind `guard.Guard`: one of this machine's names as Host, a per-run token — the visitor's or
+the host's —, same Origin for the WebSocket; HTTPS with a `tls.Certificate` when other devices visit):
     GET /                 the page          GET /stream.mjpg    the display, as MJPEG
     GET /frame.jpg        one display frame GET /snapshot.png   the AI image as shown, lossless
-    GET /api/status       live figures      GET /recordings/F   a finished recording
+    GET /api/status       live figures      GET /recordings/F   a finished recording (host only)
+    GET /api/knobs        the knob table (what the page draws its controls from)
+    GET /api/whoami       the page's role (and, for the host, the visitor URL)
+    GET /qr.svg           the visitor URL as a QR code (host only)
     WS  /ws               binary in: the page's webcam as JPEG; binary out: tagged JPEGs (1 = AI, 2 = camera);
                           text both ways: JSON controls in, status out
 Latest frame wins both ways: an incoming frame replaces an unprocessed one, and each viewer is sent the
@@ -36,15 +40,20 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from mlx_sdxs import loopback
 from mlx_sdxs.camera.broadcast import Broadcast
-from mlx_sdxs.camera.picker import SwitchableSource
+from mlx_sdxs.camera.outputs import AI_VIEW, CAMERA_VIEW, DISPLAY_VIEW, SAVE_DIR, VIEWS
+from mlx_sdxs.camera.picker import BROWSER_SOURCE, SwitchableSource
 from mlx_sdxs.camera.state import LoopControl
 from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.knobs import TABLE
+from mlx_sdxs.studio import invite, network
 from mlx_sdxs.studio.controls import Controls
-from mlx_sdxs.studio.guard import Guard
+from mlx_sdxs.studio.guard import HOST, ROLE, VISITOR, Guard, control_refusal
 from mlx_sdxs.studio.recording import RecordingSink
+from mlx_sdxs.studio.tls import Certificate
+from mlx_sdxs.studio.visitors import Seat, Visitors
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Above this a WebSocket message is refused by the protocol layer itself (the connection closes).
 MAX_MESSAGE_BYTES = 64 << 20
 STATUS_EVERY_S = 0.5
@@ -56,13 +65,18 @@ ASSETS = {"app.js": "text/javascript", "draw.js": "text/javascript", "app.css": 
 class StudioServer:
     """Build it, add its `sinks` to the presenter, `start` it, `close` it. `source` is the picker the session reads."""
 
-    def __init__(self, control: LoopControl, source: SwitchableSource, *, host: str = "127.0.0.1", port: int = 0,
-                 title: str = "mlx-sdxs studio", save_dir: Path = Path("captures"), log=None):
+    def __init__(self, control: LoopControl, source: SwitchableSource, *, host: str = loopback.HOST, port: int = 0,
+                 title: str = "mlx-sdxs studio", save_dir: Path = SAVE_DIR, certificate: Certificate | None = None,
+                 visitors: Visitors | None = None, log=None):
         self.control, self.source, self.title = control, source, title
-        self.host, self.port = host, port
+        #: Each visitor's own stream (None: every page watches and steers the host's stream, as `--preview-port`).
+        self.visitors = visitors
+        self.host, self.port, self.certificate = host, port, certificate
+        self.addresses = network.visitor_addresses(host)  # where visitors are sent, best first
         self.log = log if log is not None else sys.stderr
-        self.token = secrets.token_urlsafe(24)
-        self.broadcasts = {view: Broadcast(view) for view in ("ai", "camera", "display")}
+        self.token = secrets.token_urlsafe(24)  # the visitors' (the printed URL, the QR code)
+        self.host_token = secrets.token_urlsafe(24)  # the host's: host-only routes and controls too
+        self.broadcasts = {view: Broadcast(view) for view in VIEWS}
         self.recordings = RecordingSink(Path(save_dir), source.fps, self.log)
         self.controls = Controls(control, source, self.recordings, Counter())
         self.viewers = 0
@@ -81,11 +95,13 @@ class StudioServer:
         """Bind (SDXSError naming the address if it cannot) and serve on a thread; returns once it listens."""
         self._socket = _bind(self.host, self.port)
         self.port = self._socket.getsockname()[1]
-        allowed = {f"{h}:{self.port}" for h in (*LOOPBACK, "[::1]", self.host)}
+        allowed = network.host_headers(self.host, self.port, self.scheme)
+        tls = {} if self.certificate is None else {"ssl_certfile": str(self.certificate.cert),
+                                                    "ssl_keyfile": str(self.certificate.key)}
         # No permessage-deflate: JPEGs do not compress, and zlib on every frame for every viewer cost 14× the
         # CPU of sending them (0.38 vs 0.027 cores for 20 viewers at 30 FPS), starving the model's threads.
         config = uvicorn.Config(self.app(allowed), log_level="warning", ws_max_size=MAX_MESSAGE_BYTES, lifespan="off",
-                                timeout_graceful_shutdown=2, ws_per_message_deflate=False)
+                                timeout_graceful_shutdown=2, ws_per_message_deflate=False, **tls)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="sdxs-studio", daemon=True)
@@ -97,15 +113,32 @@ class StudioServer:
             raise SDXSError(f"the studio server did not start on {self.host}:{self.port}")
 
     @property
+    def scheme(self) -> str:
+        return "http" if self.certificate is None else "https"
+
+    def url_at(self, address: str, token: str, path: str = "/") -> str:
+        return f"{self.scheme}://{network.authority(address, self.port)}{path}?token={token}"
+
+    @property
+    def visitor_urls(self) -> list[str]:
+        return [self.url_at(address, self.token) for address in self.addresses]
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/?token={self.token}"
+        """The visitor URL (what the QR code carries)."""
+        return self.visitor_urls[0]
+
+    @property
+    def host_url(self) -> str:
+        return self.url_at(self.addresses[0], self.host_token)
 
     def close(self) -> None:
         """Stop serving: viewers are released, the port is free when this returns."""
         if self._closing.is_set():
             return
         self._closing.set()
+        if self.visitors is not None:
+            self.visitors.close_all()
         for broadcast in self.broadcasts.values():
             broadcast.close()
         if self._server is not None:
@@ -115,15 +148,21 @@ class StudioServer:
             self._socket.close()
 
     def status(self) -> dict[str, Any]:
-        return {**self.controls.status(), "viewers": self.viewers}
+        """The host's stream, and how many visitors stream or wait."""
+        visitors = {} if self.visitors is None else {"visitors_streaming": self.visitors.streaming,
+                                                     "visitors_waiting": self.visitors.waiting,
+                                                     "max_streams": self.visitors.max_streams}
+        return {**self.controls.status(), "viewers": self.viewers, "stream": "host", **visitors}
 
     # --- routes ------------------------------------------------------------------------------------
     def app(self, allowed_hosts: set[str]) -> Starlette:
         routes = [Route("/", self.page), Route("/static/{name}", self.asset), Route("/api/status", self.status_route),
+                  Route("/api/knobs", self.knobs_route), Route("/api/whoami", self.whoami), Route("/qr.svg", self.qr),
                   Route("/frame.jpg", self.frame), Route("/snapshot.png", self.snapshot),
                   Route("/stream.mjpg", self.mjpeg), Route("/recordings/{name}", self.recording),
                   WebSocketRoute("/ws", self.websocket)]
-        return Starlette(routes=routes, middleware=[Middleware(Guard, token=self.token, allowed_hosts=allowed_hosts)])
+        tokens = {self.token: VISITOR, self.host_token: HOST}
+        return Starlette(routes=routes, middleware=[Middleware(Guard, tokens=tokens, allowed_hosts=allowed_hosts)])
 
     async def page(self, request: Request) -> Response:
         html = (resources.files("mlx_sdxs.studio") / "static" / "index.html").read_text()
@@ -139,14 +178,26 @@ class StudioServer:
     async def status_route(self, request: Request) -> Response:
         return JSONResponse(self.status())
 
+    async def knobs_route(self, request: Request) -> Response:
+        """Every knob of the knob table (the page draws a control for each one the status lists)."""
+        return JSONResponse([knob.spec() for knob in TABLE])
+
+    async def whoami(self, request: Request) -> Response:
+        """The page's role; the host's page also shows the visitor URL and its QR code (`/qr.svg`)."""
+        role = request.scope[ROLE]
+        return JSONResponse({"role": role, **({"visitor_url": self.url} if role == HOST else {})})
+
+    async def qr(self, request: Request) -> Response:
+        return Response(invite.qr_svg(self.url), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
     async def frame(self, request: Request) -> Response:
-        latest = await self.broadcasts["display"].next_async(0, 5)
+        latest = await self.broadcasts[DISPLAY_VIEW].next_async(0, 5)
         if latest is None:
             return PlainTextResponse("no frame yet", status_code=503)
         return Response(latest[1], media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def snapshot(self, request: Request) -> Response:
-        shown = self.broadcasts["ai"].latest_frame()
+        shown = self.broadcasts[AI_VIEW].latest_frame()
         if shown is None:
             return PlainTextResponse("no frame yet", status_code=503)
         ok, png = cv2.imencode(".png", shown)
@@ -157,7 +208,7 @@ class StudioServer:
         async def parts():
             seq = 0
             while not self._closing.is_set():
-                latest = await self.broadcasts["display"].next_async(seq, 0.5)
+                latest = await self.broadcasts[DISPLAY_VIEW].next_async(seq, 0.5)
                 if latest is None:
                     continue
                 seq, jpeg = latest
@@ -176,9 +227,15 @@ class StudioServer:
     async def websocket(self, websocket: WebSocket) -> None:
         await websocket.accept()
         self.viewers += 1
-        tasks = [asyncio.ensure_future(self._receive(websocket)), asyncio.ensure_future(self._send(websocket))]
+        # The host's page steers the host's stream; a visitor gets a stream of its own (or a place in line).
+        seat = await self.visitors.arrive() if self.visitors is not None and websocket.scope[ROLE] == VISITOR else None
+        send = self._send(websocket) if seat is None else self._send_visitor(websocket, seat)
+        tasks = [asyncio.ensure_future(self._receive(websocket, seat)), asyncio.ensure_future(send)]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for failed in (task.exception() for task in done):
+                if failed is not None and not isinstance(failed, (WebSocketDisconnect, ConnectionError)):
+                    print(f"mlx-sdxs: a page's connection failed: {type(failed).__name__}: {failed}", file=self.log)
         except WebSocketDisconnect:
             pass
         finally:
@@ -186,38 +243,106 @@ class StudioServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if seat is not None:
+                await self.visitors.leave(seat)
 
-    async def _receive(self, websocket: WebSocket) -> None:
-        """A viewer's frames (its webcam) and controls."""
+    async def _receive(self, websocket: WebSocket, seat: Seat | None) -> None:
+        """A viewer's frames (its webcam or canvas) and controls: for the host's stream, or the visitor's own."""
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            controls = self.controls if seat is None else seat.stream.controls if seat.stream is not None else None
             if message.get("bytes") is not None:
-                await asyncio.to_thread(self.controls.accept_frame, message["bytes"])
+                if controls is not None:
+                    await asyncio.to_thread(controls.accept_frame, message["bytes"])
+                else:
+                    self.controls.dropped["in line"] += 1
                 continue
-            reply = self.controls.handle_text(message.get("text") or "")
+            text = message.get("text") or ""
+            refused = control_refusal(websocket.scope[ROLE], text)
+            if refused:
+                reply = {"type": "error", "message": refused}
+            elif seat is not None and _kind(text) == "watch":
+                seat.watching, reply = bool(json.loads(text).get("watch")), None
+                seat.changed.set()
+            elif _kind(text) == "max_streams":
+                reply = await self._max_streams(text)
+            elif controls is None:  # in line: the visitor's choices wait for its stream
+                seat.kept.append(text)
+                reply = None
+            else:
+                reply = controls.handle_text(text)
             if reply is not None:
                 await websocket.send_text(json.dumps(reply))
 
+    async def _max_streams(self, text: str) -> dict[str, Any] | None:
+        """The host changes how many visitors stream at once."""
+        value = json.loads(text).get("value")
+        if self.visitors is None or not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+            self.controls.dropped["bad control"] += 1
+            return {"type": "error", "message": "max streams must be a whole number in [1, 64] (studio only)"}
+        await self.visitors.resize(value)
+        return None
+
+    async def _send_visitor(self, websocket: WebSocket, seat: Seat) -> None:
+        """A visitor's own AI frames and status; in line, its place (and the host's stream while it watches)."""
+        seq, shown, next_status = 0, None, 0.0
+        while not self._closing.is_set():
+            stream = seat.stream
+            broadcast = stream.ai if stream is not None else self.broadcasts[AI_VIEW] if seat.watching else None
+            if broadcast is not shown:
+                seq, shown = 0, broadcast
+            if broadcast is None:
+                seat.changed.clear()
+                try:
+                    await asyncio.wait_for(seat.changed.wait(), STATUS_EVERY_S)
+                except asyncio.TimeoutError:
+                    await self.visitors.fill()  # the model may have finished loading
+            else:
+                latest = await broadcast.next_async(seq, STATUS_EVERY_S)
+                if latest is not None:
+                    seq = latest[0]
+                    await websocket.send_bytes(TAG_AI + latest[1])
+            now = time.monotonic()
+            if now >= next_status or seat.changed.is_set():
+                next_status = now + STATUS_EVERY_S
+                await websocket.send_text(json.dumps(self._visitor_status(seat)))
+
+    def _visitor_status(self, seat: Seat) -> dict[str, Any]:
+        if seat.stream is not None:
+            return {"type": "status", **seat.stream.status(), "viewers": self.viewers}
+        line = {"type": "line", "place": seat.place, "max_streams": self.visitors.max_streams,
+                "watching": seat.watching, "loading": not self.visitors.full}
+        return {**line, "host": {**self.status(), "type": "status"}} if seat.watching else line
+
     async def _send(self, websocket: WebSocket) -> None:
         """The newest AI frame (and the server's camera frame) when this viewer is ready, and the status."""
-        seqs = {"ai": 0, "camera": 0}
+        seqs = {AI_VIEW: 0, CAMERA_VIEW: 0}
         next_status = 0.0
         while not self._closing.is_set():
-            latest = await self.broadcasts["ai"].next_async(seqs["ai"], STATUS_EVERY_S)
+            latest = await self.broadcasts[AI_VIEW].next_async(seqs[AI_VIEW], STATUS_EVERY_S)
             if latest is not None:
-                seqs["ai"] = latest[0]
+                seqs[AI_VIEW] = latest[0]
                 await websocket.send_bytes(TAG_AI + latest[1])
-                if self.source.current != "browser":
-                    camera = await self.broadcasts["camera"].next_async(seqs["camera"], 0)
+                if self.source.current != BROWSER_SOURCE:
+                    camera = await self.broadcasts[CAMERA_VIEW].next_async(seqs[CAMERA_VIEW], 0)
                     if camera is not None:
-                        seqs["camera"] = camera[0]
+                        seqs[CAMERA_VIEW] = camera[0]
                         await websocket.send_bytes(TAG_CAMERA + camera[1])
             now = time.monotonic()
             if now >= next_status:
                 next_status = now + STATUS_EVERY_S
                 await websocket.send_text(json.dumps({"type": "status", **self.status()}))
+
+
+def _kind(text: str) -> str | None:
+    """A control's type, or None when the text is not a JSON object."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return message.get("type") if isinstance(message, dict) else None
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -41,8 +41,9 @@ function onFrame(buffer) {
 }
 
 function onText(message) {
-  if (message.type === "status") return showStatus(message);
-  if (message.type === "error") return showNote(message.message, 5000);
+  if (message.type === "line") return showLine(message);
+  if (message.type === "status") { $("line").hidden = true; return showStatus(message); }
+  if (message.type === "error") { $("source").value = state.source; return showNote(message.message, 5000); }
   if (message.type === "recording") {
     if (message.url) {
       $("recording-link").innerHTML = "";
@@ -64,6 +65,7 @@ function showNote(text, holdMs = 0) {
 
 let presetsShown = false;
 function showStatus(s) {
+  state.status = s;  // this page's stream as the server last said (a visitor's own; the host's for the host)
   $("ai-fps").textContent = s.ai_fps.toFixed(2);
   $("display-fps").textContent = s.display_fps.toFixed(1);
   $("latency").textContent = Math.round(s.latency_ms);
@@ -80,19 +82,8 @@ function showStatus(s) {
   }
   if (document.activeElement !== $("prompt") && s.prompt != null) $("prompt").value = s.prompt;
   if (document.activeElement !== $("prompt-b")) $("prompt-b").value = s.prompt_b || "";
-  // Sliders show the session's live values (keys and other viewers change them too), unless being dragged.
-  for (const [id, value] of [["prompt-blend", s.prompt_blend], ["feedback", s.feedback], ["blend", s.blend],
-                             ["ema", s.ema], ["seed-blend", s.seed_blend], ["control-strength", s.control_strength]]) {
-    const input = $(id);
-    if (value != null && document.activeElement !== input) {
-      input.value = value;
-      input.nextElementSibling.textContent = Number(value).toFixed(2);
-    }
-  }
+  showKnobs(s);
   showNote(s.note);
-  $("seed-blend-row").hidden = s.seed_blend == null;
-  $("control-row").hidden = $("control-strength-row").hidden = s.control == null;
-  if (s.control != null && document.activeElement !== $("control-mode")) $("control-mode").value = s.control;
   const select = $("source");
   if (select.options.length !== s.sources.length) {
     select.innerHTML = "";
@@ -110,6 +101,48 @@ function showStatus(s) {
   }
   $("record").textContent = s.recording ? "Stop recording" : "Start recording";
   $("record").classList.toggle("recording", s.recording);
+}
+
+// The knob table (GET /api/knobs): a slider or a menu for each number or choice knob, shown while the status
+// lists it (a ControlNet's knobs only with a ControlNet, the seed blend only with a second seed).
+async function loadKnobs() {
+  const response = await fetch("/api/knobs");
+  for (const knob of await response.json()) {
+    if (knob.kind === "text") continue;  // the prompts have their own boxes
+    const row = document.createElement("label");
+    row.id = `knob-${knob.name}`; row.title = knob.help; row.hidden = true;
+    row.append(`${knob.label} `);
+    let input;
+    if (knob.kind === "choice") {
+      input = document.createElement("select");
+      for (const choice of knob.choices) input.add(new Option(choice, choice));
+      input.addEventListener("change", () => send({ type: "settings", [knob.name]: input.value }));
+      row.append(input);
+    } else {
+      input = Object.assign(document.createElement("input"),
+                            { type: "range", min: knob.low, max: knob.high, step: knob.step });
+      const shown = document.createElement("output");
+      input.addEventListener("input", () => {
+        shown.textContent = Number(input.value).toFixed(2);
+        send({ type: "settings", [knob.name]: Number(input.value) });
+      });
+      row.append(input, shown);
+    }
+    input.setAttribute("aria-label", knob.label);
+    input.dataset.knob = knob.name;
+    $("knobs").append(row);
+  }
+}
+
+// Controls show the session's live values (keys, OSC and other viewers change them too), unless in use.
+function showKnobs(s) {
+  for (const row of $("knobs").children) {
+    const name = row.id.slice("knob-".length), input = row.querySelector("[data-knob]");
+    row.hidden = !(s.knobs || []).includes(name) || (name === "prompt_blend" && !s.prompt_b);
+    if (row.hidden || document.activeElement === input) continue;
+    input.value = s[name];
+    if (input.type === "range") input.nextElementSibling.textContent = Number(s[name]).toFixed(2);
+  }
 }
 
 async function useSource(name) {
@@ -203,37 +236,58 @@ function slider(id, key, apply) {
   show();
 }
 
+// Every stream is busy: this page waits in line (its own stream comes when one is free), and may watch the host's.
+function showLine(message) {
+  $("line").hidden = false;
+  $("line-text").textContent = message.loading ? "The model is loading: your camera starts in a moment." :
+    `Every stream is busy (${message.max_streams} at once): you are number ${message.place} in line, and your ` +
+    "camera starts as soon as one is free.";
+  $("watch").setAttribute("aria-pressed", String(message.watching));
+  $("watch").textContent = message.watching ? "Stop watching the host's stream" : "Watch the host's stream meanwhile";
+  if (message.host) {
+    $("ai-fps").textContent = message.host.ai_fps.toFixed(2);
+    $("display-fps").textContent = message.host.display_fps.toFixed(1);
+  }
+}
+
 async function snapshot() {
-  const response = await fetch("/snapshot.png");
+  // A visitor's own stream is on no server route: the page saves the image it shows.
+  const response = await fetch(state.role === "host" ? "/snapshot.png" : $("output").src);
   if (!response.ok) return showNote(await response.text(), 5000);
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");
-  link.href = url; link.download = `mlx-sdxs-${new Date().toISOString().replace(/[:.]/g, "-")}.png`;
+  link.href = url; link.download = `mlx-sdxs-${new Date().toISOString().replace(/[:.]/g, "-")}.${blob.type === "image/png" ? "png" : "jpg"}`;
   document.body.append(link); link.click(); link.remove();
   const thumb = document.createElement("img");
   thumb.src = url; thumb.alt = "snapshot";
   $("snapshots").prepend(thumb);
 }
 
+// The host's page (opened with the host token) has the host-only controls and shows how visitors join.
+async function loadRole() {
+  const me = await (await fetch("/api/whoami")).json();
+  state.role = me.role;
+  $("record").hidden = me.role !== "host";
+  if (me.role !== "host") return;
+  $("qr").src = "/qr.svg";
+  $("visitor-url").href = me.visitor_url;
+  $("visitor-url").textContent = me.visitor_url;
+  $("invite").hidden = false;
+}
+
 function setup() {
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter") send({ type: "prompt", prompt: $("prompt").value }); });
   $("prompt-b").addEventListener("keydown", (e) => {
-    if (e.key === "Enter") send({ type: "prompt", prompt_b: $("prompt-b").value, prompt_blend: Number($("prompt-blend").value) });
+    if (e.key === "Enter") send({ type: "prompt", prompt_b: $("prompt-b").value });
   });
-  const settings = (key, value) => send({ type: "settings", [key]: value });
-  slider("prompt-blend", "prompt_blend", settings);
-  slider("feedback", "feedback", settings);
-  slider("blend", "blend", settings);
-  slider("ema", "ema", settings);
-  slider("seed-blend", "seed_blend", settings);
-  slider("control-strength", "control_strength", settings);
-  $("control-mode").addEventListener("change", () => settings("control", $("control-mode").value));
   $("source").addEventListener("change", () => send({ type: "source", source: $("source").value }));
   $("snapshot").addEventListener("click", snapshot);
+  $("watch").addEventListener("click", () => send({ type: "watch", watch: $("watch").getAttribute("aria-pressed") !== "true" }));
   $("record").addEventListener("click", () => send({ type: "record", action: $("record").classList.contains("recording") ? "stop" : "start" }));
   setupDrawing();
-  connect();
+  loadRole();
+  loadKnobs().then(connect);
 }
 
 setup();
