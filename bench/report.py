@@ -19,7 +19,8 @@ COLUMNS = ("size", "backend", "encode ms", "UNet ms", "decode ms", "enc+UNet+dec
 DASH = "—"
 
 
-def _cell(value, digits: int) -> str:
+def cell(value, digits: int) -> str:
+    """A number for a table, or the dash of a cell that has none."""
     return DASH if value is None else f"{value:.{digits}f}"
 
 
@@ -56,11 +57,11 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {size} | {name} | " + " | ".join([DASH] * (len(COLUMNS) - 2)) + " |")
                 continue
             s = e["stages_ms"]
-            cells = [size, name, _cell(s["encode"]["median"], 0), _cell(s["unet"]["median"], 0),
-                     _cell(s["decode"]["median"], 0), _cell(e["encode_unet_decode_ms"], 0),
-                     _cell(e["encode_unet_decode_best_ms"], 0), _cell(e.get("time_vs_mlx"), 2),
-                     _cell(e["standalone_fps"], 2), _cell(e.get("loop_fps"), 2), _cell(e.get("loop_vs_standalone"), 2),
-                     _cell(e.get("unet_gflops_per_s"), 0), DASH if e.get("threads") is None else str(e["threads"])]
+            cells = [size, name, cell(s["encode"]["median"], 0), cell(s["unet"]["median"], 0),
+                     cell(s["decode"]["median"], 0), cell(e["encode_unet_decode_ms"], 0),
+                     cell(e["encode_unet_decode_best_ms"], 0), cell(e.get("time_vs_mlx"), 2),
+                     cell(e["standalone_fps"], 2), cell(e.get("loop_fps"), 2), cell(e.get("loop_vs_standalone"), 2),
+                     cell(e.get("unet_gflops_per_s"), 0), DASH if e.get("threads") is None else str(e["threads"])]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     costs = controlnet_costs(report)
     if costs:

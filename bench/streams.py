@@ -7,11 +7,12 @@ For each render size, backend and stream count N, two modes, every stream a real
 capture, inference, and a display that draws nothing) fed by its own moving scene at the camera rate (the
 synthetic scene with its own random seed, rendered beforehand and replayed at 30 FPS, so that no stream pays
 for drawing it, as a camera's driver costs next to nothing) and its own prompt:
-- batched: the N streams in this process on one `StreamBatcher` — one model, one thread running the frames the
-  streams have handed in as one batched step — every batch size up to N warmed up first;
-- processes: N processes of this module (`--worker`), each its own model and one camera loop on it (the SDXS
-  paper's "parallel inference"), each with its fair share of the cores: OpenBLAS and OpenMP (MLX's BLAS and the
-  native CPU kernels, torch) get max(1, cores // N) threads; the batched process has every core.
+- batched: the N streams in one process on one `StreamBatcher` — one model, one thread running the frames the
+  streams have handed in as one batched step — every batch size up to N warmed up first; it has every core;
+- processes: N processes, each its own model and one camera loop on it (the SDXS paper's "parallel
+  inference"), each with its fair share of the cores: OpenBLAS and OpenMP (MLX's BLAS and the native CPU
+  kernels, torch) get max(1, cores // N) threads.
+Both run in worker processes of this module (`--worker`), so that the bench itself holds no model.
 The streams of a run start together once all are warm; each stream's results are counted over the same window
 (`--seconds`, after `--settle`), the capture→output latency of each result from its loop's `LoopStats`. The
 machine's other load over the window (CPU busy time not spent by the run) is reported beside each cell.
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-dtype", default="auto", help="torch dtype (auto: float32 on cpu, float16 on cuda)")
     parser.add_argument("--out", type=Path, default=RUNS)
     parser.add_argument("--keep-openblas-env", action="store_true", help="do not unset OPENBLAS_CORETYPE/L2_SIZE")
-    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # a processes-mode stream
+    parser.add_argument("--worker", choices=("batched", "alone"), default=None, help=argparse.SUPPRESS)  # a run's
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)  # an alone worker's stream
     args = parser.parse_args(argv)
     try:
         args.stream_counts = sorted({int(n) for n in args.streams.split(",")})
@@ -158,7 +160,7 @@ def run_stream(backend, index: int, args: argparse.Namespace, on_ready, warmup: 
     return {"fps": fps, "results": len(arrivals), "latencies_ms": [1000 * latency for _, latency in inside]}
 
 
-# --- the two modes -----------------------------------------------------------------------------------
+# --- the runs: every one in worker processes of this module, so that the bench itself holds no model ----------
 def busy_seconds() -> float:
     """CPU seconds this machine has spent busy (every core, every process) since it started."""
     import psutil
@@ -167,99 +169,41 @@ def busy_seconds() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def run_batched(name: str, size: int, count: int, weights: tuple[Path, Path], args: argparse.Namespace) -> dict:
-    """`count` camera loops in this process, their streams batched by one `StreamBatcher`."""
-    from dataclasses import replace
-
-    from bench.measure import make_backend
-    from mlx_sdxs.backends import compute_threads
-    from mlx_sdxs.backends.batcher import StreamBatcher
-
-    recipe = make_backend(name, size, *weights, args)
-    if isinstance(recipe, str):
-        return {"skipped": recipe}
-    threads = compute_threads(recipe)
-    batcher = StreamBatcher(recipe, streams=count)
-    batcher.start()
-    streams = [batcher.host]
-    window: dict[str, float] = {}
-
-    def start_window() -> None:  # run by the last stream to arrive, before any camera starts
-        window.update(go=time.perf_counter(), cpu=time.process_time(), busy=busy_seconds())
-
-    barrier = threading.Barrier(count, action=start_window)
-    results: list[dict | None] = [None] * count
-    errors: list[BaseException] = []
-
-    def stream(index: int) -> None:
-        def ready() -> float:
-            barrier.wait(READY_S)
-            return window["go"]
-        try:
-            results[index] = run_stream(streams[index], index, args, ready, warmup=False)
-        except BaseException as error:  # noqa: BLE001 — re-raised on the calling thread
-            errors.append(error)
-            barrier.abort()  # no stream waits for one that failed
-
-    try:
-        print(f"bench.streams: {name} @ {size}, {count} batched: warming up batches of up to {count}…", flush=True)
-        batcher.warm(count)  # before the others join: it runs every stream of the group, and theirs have no prompt yet
-        host = batcher.host.stream.settings
-        streams += [batcher.open(replace(host, seed=host.seed + i)) for i in range(1, count)]
-        workers = [threading.Thread(target=stream, args=(i,), name=f"bench-stream-{i + 1}", daemon=True)
-                   for i in range(count)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        ended = {"cpu": time.process_time(), "busy": busy_seconds(), "at": time.perf_counter()}
-    finally:
-        barrier.abort()  # on Ctrl-C during the warm-up, no stream waits for the others
-        for handle in reversed(streams):  # the host's last: it closes the batcher, the engine with it
-            handle.close()
-        release_memory()
-    if errors:
-        raise errors[0]
-    return summarise(results, threads, window, ended, ended["cpu"] - window["cpu"])
-
-
-def release_memory() -> None:
-    """Hand a closed model's memory back (MLX keeps freed buffers for reuse) before the next run's processes
-    load theirs: a parent holding gigabytes beside N workers can bring the OOM killer (it did on a shared host)."""
-    import gc
-
-    import mlx.core as mx
-
-    gc.collect()
-    mx.clear_cache()
-
-
-def worker_command(name: str, size: int, index: int, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "bench.streams", "--worker", str(index), "--backends", name, "--sizes", str(size),
-               "--model", args.model, "--seconds", str(args.seconds), "--settle", str(args.settle),
-               "--dtype", args.dtype, "--torch-dtype", args.torch_dtype, "--keep-openblas-env"]
+def worker_command(name: str, size: int, kind: str, count: int, index: int, args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "bench.streams", "--worker", kind, "--streams", str(count), "--index", str(index),
+               "--backends", name, "--sizes", str(size), "--model", args.model, "--seconds", str(args.seconds),
+               "--settle", str(args.settle), "--dtype", args.dtype, "--torch-dtype", args.torch_dtype,
+               "--keep-openblas-env"]
     for flag, value in (("--kernels", args.kernels), ("--device", args.device)):
         if value is not None:
             command += [flag, value]
     return command
 
 
-def run_processes(name: str, size: int, count: int, args: argparse.Namespace) -> dict:
-    """`count` processes of this module, each one camera loop on its own model, started together."""
-    threads = max(1, (os.cpu_count() or 1) // count)
-    env = {**os.environ, **{variable: str(threads) for variable in THREAD_VARIABLES}}
+def run_cell(name: str, size: int, count: int, mode: str, args: argparse.Namespace) -> dict:
+    """`count` streams one way: one worker batching them all, or `count` workers of one stream each with their
+    share of the cores. Every worker gets ready (model loaded, warm), then all start at once."""
+    if mode == "batched":
+        commands, env, threads = [worker_command(name, size, "batched", count, 0, args)], dict(os.environ), None
+    else:
+        threads = max(1, (os.cpu_count() or 1) // count)
+        commands = [worker_command(name, size, "alone", 1, index, args) for index in range(count)]
+        env = {**os.environ, **{variable: str(threads) for variable in THREAD_VARIABLES}}
     workers: list[subprocess.Popen] = []
     try:
-        for index in range(count):
-            workers.append(subprocess.Popen(worker_command(name, size, index, args), cwd=ROOT, env=env, text=True,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        for command in commands:
+            workers.append(subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE))
         for index, worker in enumerate(workers):
-            for line in worker.stdout:  # "ready" once its model is loaded and warm
-                if line.strip() == "ready":
+            said = ""
+            for said in worker.stdout:
+                if said.strip() == "ready":
                     break
             else:
-                raise SystemExit(f"bench.streams: worker {index + 1} of {count} did not get ready "
-                                 f"(exit status {worker.wait()}; its error is above)")
+                if worker.wait() == 0 and said.startswith("{"):
+                    return json.loads(said)  # the backend cannot run here: {"skipped": why}
+                raise SystemExit(f"bench.streams: worker {index + 1} of {len(workers)} did not get ready "
+                                 f"(exit status {worker.returncode}; its error is above)")
         window = {"go": time.perf_counter(), "busy": busy_seconds()}
         for worker in workers:
             worker.stdin.write("go\n")
@@ -271,40 +215,92 @@ def run_processes(name: str, size: int, count: int, args: argparse.Namespace) ->
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-    failed = [i + 1 for i, worker in enumerate(workers) if worker.returncode != 0]
+    failed = [index + 1 for index, worker in enumerate(workers) if worker.returncode != 0]
     if failed:
-        raise SystemExit(f"bench.streams: workers {failed} of {count} failed (their errors are above)")
+        raise SystemExit(f"bench.streams: workers {failed} of {len(workers)} failed (their errors are above)")
     reports = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
-    return summarise(reports, threads, window, ended, sum(report.pop("cpu_s") for report in reports))
+    streams = [stream for report in reports for stream in report["streams"]]
+    return summarise(streams, threads or reports[0]["threads"], window, ended, sum(r["cpu_s"] for r in reports))
 
 
 def worker(args: argparse.Namespace) -> int:
-    """A processes-mode stream: load, warm up on the loop's thread, say "ready", wait for "go", run, report."""
+    """A worker: `batched`, `--streams` camera loops on one `StreamBatcher`; `alone`, one camera loop (stream
+    `--index`) on its own model. Says "ready" once every stream is warm, waits for "go", runs, and prints its
+    streams' figures as one JSON line (or `{"skipped": why}` when the backend cannot run here)."""
     from bench.inputs import prepare_checkpoint
     from bench.measure import make_backend
     from mlx_sdxs import runtime
+    from mlx_sdxs.backends import compute_threads
 
     runtime.select_kernels(args.kernels)
-    name, size = args.backends, args.size_list[0]
-    backend = make_backend(name, size, *prepare_checkpoint(args.preset, args.checkpoint), args)
-    if isinstance(backend, str):
-        print(f"bench.streams: worker {args.worker + 1}: {backend}", file=sys.stderr)
-        return 1
-    cpu: list[float] = []
+    recipe = make_backend(args.backends, args.size_list[0], *prepare_checkpoint(args.preset, args.checkpoint), args)
+    if isinstance(recipe, str):
+        print(json.dumps({"skipped": recipe}), flush=True)
+        return 0
+    threads = compute_threads(recipe)
+    start: dict[str, float] = {}
 
-    def ready() -> float:
-        print("ready", flush=True)
-        if sys.stdin.readline().strip() != "go":
-            raise RuntimeError("the bench went away before the streams started")
-        cpu.append(time.process_time())
-        return time.perf_counter()
+    def go() -> float:  # once every stream is warm, before any camera starts
+        if not start:
+            print("ready", flush=True)
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("bench.streams: the bench went away before the streams started")
+            start.update(at=time.perf_counter(), cpu=time.process_time())
+        return start["at"]
+
+    if args.worker == "batched":
+        streams = run_batched(recipe, args.stream_counts[0], args, go)
+    else:
+        try:
+            streams = [run_stream(recipe, args.index, args, go, warmup=True)]
+        finally:
+            recipe.close()
+    print(json.dumps({"streams": streams, "cpu_s": time.process_time() - start["cpu"], "threads": threads}),
+          flush=True)
+    return 0
+
+
+def run_batched(recipe, count: int, args: argparse.Namespace, go) -> list[dict]:
+    """`count` camera loops in this process, their streams batched by one `StreamBatcher` on `recipe`'s engine;
+    `go()` is run once, when every stream is warm and waits for its camera."""
+    from dataclasses import replace
+
+    from mlx_sdxs.backends.batcher import StreamBatcher
+
+    batcher = StreamBatcher(recipe, streams=count)
+    batcher.start()
+    streams = [batcher.host]
+    barrier = threading.Barrier(count, action=go)
+    results: list[dict] = [{}] * count
+    errors: list[BaseException] = []
+
+    def stream(index: int) -> None:
+        def ready() -> float:
+            barrier.wait(READY_S)
+            return go()  # the start time, set when the barrier let everyone through
+        try:
+            results[index] = run_stream(streams[index], index, args, ready, warmup=False)
+        except BaseException as error:  # noqa: BLE001 — re-raised on the calling thread
+            errors.append(error)
+            barrier.abort()  # no stream waits for one that failed
 
     try:
-        result = run_stream(backend, args.worker, args, ready, warmup=True)
+        batcher.warm(count)  # before the others join: it runs every stream of the group, and theirs have no prompt yet
+        host = batcher.host.stream.settings
+        streams += [batcher.open(replace(host, seed=host.seed + i)) for i in range(1, count)]
+        workers = [threading.Thread(target=stream, args=(i,), name=f"bench-stream-{i + 1}", daemon=True)
+                   for i in range(count)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
     finally:
-        backend.close()
-    print(json.dumps({**result, "cpu_s": time.process_time() - cpu[0]}), flush=True)
-    return 0
+        barrier.abort()  # on Ctrl-C during the warm-up, no stream waits for the others
+        for handle in reversed(streams):  # the host's last: it closes the batcher, the engine with it
+            handle.close()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def summarise(streams: list[dict], threads: int, window: dict, ended: dict, cpu_s: float) -> dict:
@@ -343,7 +339,7 @@ COLUMNS = ("size", "backend", "streams", "mode", "aggregate FPS", "× 1 stream",
 
 
 def markdown(report: dict) -> str:
-    from bench.report import DASH, device_line
+    from bench.report import DASH, cell, device_line
 
     settings = report["settings"]
     lines = [device_line(report["system"]) + ".",
@@ -365,8 +361,8 @@ def markdown(report: dict) -> str:
                         continue
                     ratio = DASH if e.get("vs_one_stream") is None else f"{e['vs_one_stream']:.2f}"
                     lines.append(f"| {size} | {backend} | {count} | {mode} | {e['aggregate_fps']:.2f} | {ratio} | "
-                                 f"{e['stream_fps']:.2f} | {e['stream_fps_min']:.2f} | {e['p50_ms']:.0f} | "
-                                 f"{e['p90_ms']:.0f} | {e['threads_per_process']} | {e['cores_used']:.2f} | "
+                                 f"{e['stream_fps']:.2f} | {e['stream_fps_min']:.2f} | {cell(e['p50_ms'], 0)} | "
+                                 f"{cell(e['p90_ms'], 0)} | {e['threads_per_process']} | {e['cores_used']:.2f} | "
                                  f"{e['fps_per_core']:.2f} | {e['other_load_cores']:.2f} |")
     lines += ["", "`× 1 stream`: aggregate FPS over the same mode's with one stream. `cores used`: the run's CPU "
                   "time over the window (all its processes); `FPS per core`: aggregate FPS over it. `other load`: the "
@@ -381,7 +377,7 @@ def measure(args: argparse.Namespace) -> dict:
     from bench.system import system_info
     from mlx_sdxs.camera.sources import DEFAULT_FPS, DEFAULT_SIZE
 
-    weights = prepare_checkpoint(args.preset, args.checkpoint)
+    prepare_checkpoint(args.preset, args.checkpoint)  # once, before the workers load it
     report = {"system": system_info(args, f"the synthetic scene, {SCENE_FRAMES} frames per stream replayed"),
               "settings": {"model": args.model, "seconds": args.seconds, "settle": args.settle, "rounds": args.rounds,
                            "camera_fps": DEFAULT_FPS, "camera_size": "x".join(map(str, DEFAULT_SIZE)),
@@ -399,8 +395,7 @@ def measure(args: argparse.Namespace) -> dict:
                             entry = {"skipped": skipped[name]}
                         else:
                             load = os.getloadavg()[0]
-                            entry = (run_batched(name, size, count, weights, args) if mode == "batched"
-                                     else run_processes(name, size, count, args))
+                            entry = run_cell(name, size, count, mode, args)
                             entry["load_average_before"] = round(load, 2)
                             if "skipped" in entry:
                                 skipped[name] = entry["skipped"]

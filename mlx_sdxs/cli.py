@@ -235,12 +235,13 @@ def open_stream_backend(args: argparse.Namespace):
                               seed_blend=args.seed_blend if args.seed_b is not None else 0.0,
                               control=args.control, control_strength=args.control_strength)
     recipe = open_backend(_choice(args), settings)
-    if args.command != "studio":
+    streams = args.max_streams + 1 if args.command == "studio" else len(args.sources)
+    if streams <= 1:
         return recipe
     from mlx_sdxs.backends.batcher import StreamBatcher
 
-    # The studio's visitors each get a stream of their own, batched with the host's on the device.
-    batcher = StreamBatcher(recipe, streams=args.max_streams + 1)
+    # The studio's visitors, or the camera's several sources, each a stream of the host's batch on the device.
+    batcher = StreamBatcher(recipe, streams=streams)
     batcher.start()
     return batcher.host
 

@@ -103,6 +103,14 @@ def add_kernel_argument(parser) -> None:
                              "auto = cuda on a CUDA GPU, cpu for float32 on the CPU, else portable")
 
 
+class SourceAction(argparse.Action):
+    """`--source`, repeatable: every value in `sources`, the first (the session's own stream) in `source`."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.sources = [*namespace.sources, value]
+        namespace.source = namespace.sources[0]
+
+
 def add_knob_argument(parser, knob: Knob, live: bool = True) -> None:
     """The flag of a knob from the knob table: its range checked by argparse (so a bad value stops before
     anything loads), and range, default and keys in `--help` (`live`: the session's keys, which a one-off
@@ -120,10 +128,12 @@ def add_knob_argument(parser, knob: Knob, live: bool = True) -> None:
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """The camera/studio session: source, style, blends, outputs, backend."""
     source = parser.add_argument_group("source")
-    source.add_argument("--source", "--camera", dest="source", default=None,
+    source.add_argument("--source", "--camera", dest="source", action=SourceAction, default=None,
                         help="camera index (0, 1, …), a video file, 'synthetic' (built-in moving scene), "
                              "'synthetic:IMAGE' (pan/zoom over an image) or, in the studio, 'draw' (its drawing canvas). "
-                             "Default: camera 0, else synthetic (the studio: the page's webcam)")
+                             "Repeat it for several streams in one batch (camera: tiled in the window, one recording "
+                             "each). Default: camera 0, else synthetic (the studio: the page's webcam)")
+    parser.set_defaults(sources=[])
     source.add_argument("--capture-size", type=capture_size, default=DEFAULT_SIZE, metavar="WxH",
                         help="requested camera / synthetic frame size (default {}x{})".format(*DEFAULT_SIZE))
     source.add_argument("--fps", type=number(float, 0.0, 240.0, "--fps"), default=None,

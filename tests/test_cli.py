@@ -13,6 +13,7 @@ import pytest
 
 from mlx_sdxs import runtime
 from mlx_sdxs.cli import main
+from fake_backend import count_video_frames
 from oracle import expected_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +181,18 @@ def test_installed_commands_have_help(command):
     done = subprocess.run([entry, *command], capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     assert "usage: mlx-sdxs" in done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_several_sources_run_as_streams_of_one_batch_each_recorded(tmp_path):
+    """`camera --source A --source B`: two camera loops in one batch, a recording each (the second numbered), a
+    summary each; the studio refuses a second --source (its visitors bring their own)."""
+    video = tmp_path / "out.mp4"
+    result = run_cli("camera", "--model", "random-tiny", "--source", "synthetic", "--source", "synthetic",
+                     "--headless", "--render-size", "64", "--max-frames", "8", "--record", str(video),
+                     "--record-every-frame")
+    assert result.returncode == 0, result.stderr
+    assert count_video_frames(video) == 8 and count_video_frames(tmp_path / "out-2.mp4") >= 1
+    assert "stream 2 (synthetic):" in result.stdout and result.stdout.count("AI ") == 2
+    refused = run_cli("studio", "--model", "random-tiny", "--source", "synthetic", "--source", "0", "--port", "0")
+    assert refused.returncode == 1 and "the studio takes one --source" in refused.stderr

@@ -58,4 +58,9 @@ def run_camera(args: argparse.Namespace, make_backend: BackendFactory, *, studio
                 status = session.close(status)
     if session is not None and session.ran:
         print(session.control.stats.summary())
+        for number, side in enumerate(session.sides, start=2):
+            print(f"stream {number} ({side.source.name}):\n{side.control.stats.summary()}")
+            if side.error is not None:
+                status = status or 1
+                print(f"mlx-sdxs: error in stream {number}: {side.error}", file=log)
     return status

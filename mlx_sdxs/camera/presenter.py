@@ -102,6 +102,13 @@ def compose_frame(camera: np.ndarray, ai: np.ndarray, height: int, *, blend: flo
 
 
 
+def _tiled(frame: np.ndarray, others: Sequence[np.ndarray | None]) -> np.ndarray:
+    """`frame` with the other streams' frames (each fitted to its width) under it; a stream with none yet is left out."""
+    rows = [frame] + [cv2.resize(other, (frame.shape[1], max(1, round(other.shape[0] * frame.shape[1] / other.shape[1]))))
+                      for other in others if other is not None]
+    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+
+
 def _keyed(state: LiveState) -> list[Knob]:
     """The knobs the keys turn now: those this session has (a prompt blend once there is a prompt B)."""
     return [knob for knob in KNOBS.values() if knob.keys and state.has(knob)
@@ -138,6 +145,8 @@ class Presenter:
         self._shown_ai: np.ndarray | None = None  # float32 EMA state at the render size
         self.last_frame: np.ndarray | None = None
         self.last_ai_view: np.ndarray | None = None
+        #: Other streams' display views (their newest frame each), shown under this one's in the window.
+        self.tiles: list = []
 
     @property
     def draws(self) -> bool:
@@ -172,7 +181,7 @@ class Presenter:
         for sink in self.sinks:
             sink.write(views[sink.view], now)
         if self.window is not None:
-            self.window.show(frame)
+            self.window.show(_tiled(frame, [tile.latest_frame() for tile in self.tiles]))
         self.idle(control)
 
     def idle(self, control: LoopControl) -> None:

@@ -15,13 +15,16 @@ from mlx_sdxs import runtime
 from mlx_sdxs.backends.base import Backend
 from mlx_sdxs.camera.loop import run_loop
 from mlx_sdxs.camera.picker import DRAW_SOURCE, control_mode_for
-from mlx_sdxs.camera.outputs import FramesWriter, OpenCVWindow, OutputError, StatusLine, VideoRecorder, display_available
+from mlx_sdxs.camera.outputs import (DISPLAY_VIEW, FramesWriter, OpenCVWindow, OutputError, StatusLine, VideoRecorder,
+                                     display_available)
+from mlx_sdxs.camera.broadcast import Broadcast
 from mlx_sdxs.camera.presenter import Presenter
+from mlx_sdxs.camera.side import SideStream, side_control
 from mlx_sdxs.camera.prompts import GALLERY, load_prompts
 from mlx_sdxs.camera.sources import FrameSource, open_source
 from mlx_sdxs.camera.state import LiveState, LoopControl
 from mlx_sdxs.camera.stats import LoopStats
-from mlx_sdxs.errors import SDXSError, SourceError
+from mlx_sdxs.errors import ConfigError, SDXSError, SourceError
 from mlx_sdxs.knobs import KNOBS
 
 BackendFactory = Callable[[argparse.Namespace], Backend]
@@ -63,6 +66,8 @@ class Session:
         self.source: FrameSource | None = None
         self.backend: Backend | None = None
         self.servers: list[Closeable] = []
+        #: One per extra --source: a camera loop of its own in the same batch.
+        self.sides: list[SideStream] = []
         self.ran = False
 
     @classmethod
@@ -72,8 +77,10 @@ class Session:
         calling `make_backend(args)`. With `studio` there is no window, and without --source no source yet
         (the page's webcam comes through an `attach` hook: each hook adds a control surface or server). A failure closes what was opened, then raises."""
         log = log if log is not None else sys.stderr
-        if args.source == DRAW_SOURCE and not studio:
+        if DRAW_SOURCE in args.sources and not studio:
             raise SourceError("--source draw is the studio page's drawing canvas: run `mlx-sdxs studio --source draw`")
+        if studio and len(args.sources) > 1:
+            raise SourceError("the studio takes one --source (its own stream); each visitor brings a webcam or canvas")
         args.control = args.control or control_mode_for(args.source)
         prompts, index = prompt_list(args)
         args.prompt = prompts[index]
@@ -95,6 +102,8 @@ class Session:
             if backend.controlled:  # the knobs only a model with a ControlNet has
                 control.request(**{name: value for name, value in initial_knobs(args, control.state).items()
                                    if KNOBS[name].requires == "controlnet"})
+            for number, name in enumerate(args.sources[1:], start=2):
+                session.sides.append(session._side(name, number))
         except BaseException:
             session.close(1)
             raise
@@ -116,13 +125,32 @@ class Session:
         return Presenter(output_size=args.output_size, window=window, save_dir=args.save_dir,
                          status=None if window is not None else StatusLine(log), log=log)
 
-    def _add_files(self) -> None:
+    def _side(self, name: str, number: int) -> SideStream:
+        """The stream of an extra --source: its own loop and knobs (from the same flags), recording to its own
+        numbered files, its display tiled under the window's."""
         args = self.args
+        open_stream = getattr(self.backend, "open_stream", None)
+        if open_stream is None:
+            raise ConfigError(f"several --source values need a backend that batches streams (the {self.backend.name} "
+                              "backend here has one stream)")
+        source = open_source(name, size=args.capture_size, fps=args.fps, loop=args.loop, log=self.log)
+        tile = Broadcast(DISPLAY_VIEW)
+        presenter = Presenter(output_size=args.output_size, sinks=[tile], save_dir=args.save_dir, log=self.log)
+        self.presenter.tiles.append(tile)
+        self._add_files(presenter, source, number)
+        return SideStream(source, open_stream(), side_control(self.control), presenter)
+
+    def _add_files(self, presenter: Presenter | None = None, source: FrameSource | None = None,
+                   number: int = 1) -> None:
+        """--record and --frames-dir for a stream: as given for the first, numbered (`out-2.mp4`, `frames/2/`) for
+        the other sources'."""
+        args, presenter, source = self.args, presenter or self.presenter, source or self.source
         if args.record is not None:
-            self.presenter.sinks.append(VideoRecorder(args.record, self.source.fps, log=self.log,
-                                                      every_frame=args.record_every_frame, view=args.record_view))
+            path = args.record if number == 1 else args.record.with_name(f"{args.record.stem}-{number}{args.record.suffix}")
+            presenter.sinks.append(VideoRecorder(path, source.fps, log=self.log, every_frame=args.record_every_frame,
+                                                 view=args.record_view))
         if args.frames_dir is not None:
-            self.presenter.sinks.append(FramesWriter(args.frames_dir))
+            presenter.sinks.append(FramesWriter(args.frames_dir if number == 1 else args.frames_dir / str(number)))
 
     def run(self) -> LoopStats:
         """The loop until a flag's limit, the source's end, a quit key, Ctrl-C or SIGTERM, or an error (raised)."""
@@ -138,6 +166,8 @@ class Session:
 
         def ready(seconds: float) -> None:
             runtime.remember_compiled(kernels)
+            for side in self.sides:
+                side.start()
             print(f"mlx-sdxs: first frames through the model after {seconds:.1f} s", file=log, flush=True)
 
         def still_warming(seconds: float) -> None:
@@ -151,7 +181,7 @@ class Session:
 
     def close(self, status: int) -> int:
         """Close everything in order, reporting failures; returns `status`, or 1 if it was 0 and a close failed."""
-        for resource in (*self.servers, self.presenter, self.source, self.backend):
+        for resource in (*self.servers, *self.sides, self.presenter, self.source, self.backend):
             if resource is None:
                 continue
             try:

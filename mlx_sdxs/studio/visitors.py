@@ -11,69 +11,41 @@ line. Seats are handed out on the server's event loop; streams are opened and cl
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter, deque
 from typing import Any, Callable
 
 from mlx_sdxs.camera.broadcast import Broadcast
-from mlx_sdxs.camera.loop import run_loop
 from mlx_sdxs.camera.outputs import AI_VIEW
 from mlx_sdxs.camera.picker import BROWSER_SOURCE, DRAW_SOURCE, BrowserSource, SwitchableSource, control_mode_for
 from mlx_sdxs.camera.presenter import Presenter
-from mlx_sdxs.camera.state import LiveState, LoopControl
+from mlx_sdxs.camera.side import SideStream, side_control
+from mlx_sdxs.camera.state import LoopControl
 from mlx_sdxs.errors import SDXSError
 from mlx_sdxs.studio.controls import Controls
 
-#: How long a leaving visitor's loop may take to stop (a frame in flight on a CPU can take seconds).
-STOP_S = 30.0
-
 
 class VisitorStream:
-    """A visitor's own camera loop, on its own thread, from `start` until `close`."""
+    """A visitor's own camera loop (a `SideStream`), on its own thread, from `start` until `close`."""
 
     def __init__(self, backend, host_control: LoopControl, fps: float, output_size: int, first: str = BROWSER_SOURCE):
-        self.backend = backend
-        host = host_control.state
         self.webcam, self.canvas = BrowserSource(fps), BrowserSource(fps, "drawing canvas")
-        self.source = SwitchableSource({BROWSER_SOURCE: lambda: self.webcam, DRAW_SOURCE: lambda: self.canvas},
-                                       first, fps)
-        # The host's knob values to start from (its prompt, not another visitor's); the visitor's own from then on.
-        self.control = LoopControl(LiveState(gallery=host.gallery, render_size=host.render_size,
-                                             controlled=host.controlled, has_seed_b=host.has_seed_b,
-                                             backend=host.backend, label=host.label))
-        # The host's newest values (its first prompt may still be on its way to the model: then the gallery's first).
-        knobs = {name: host_control.wanted(name) for name in host.knobs()}
-        knobs = {name: value for name, value in knobs.items() if value is not None}
-        knobs["prompt"] = knobs.get("prompt") or host.gallery[0]
-        if host.controlled:
-            knobs["control"] = control_mode_for(first)
-        self.control.request(**knobs)
+        source = SwitchableSource({BROWSER_SOURCE: lambda: self.webcam, DRAW_SOURCE: lambda: self.canvas}, first, fps)
+        control = side_control(host_control)  # the host's knob values to start from; the visitor's own from then on
+        if control.state.controlled:
+            control.request(control=control_mode_for(first))
         self.ai = Broadcast(AI_VIEW)
-        self.controls = Controls(self.control, self.source, None, Counter())
-        self._presenter = Presenter(output_size=output_size, sinks=[self.ai], overlay=False)
-        self._thread = threading.Thread(target=self._run, name="sdxs-visitor", daemon=True)
-        self.error: BaseException | None = None
+        self.controls = Controls(control, source, None, Counter())
+        self._loop = SideStream(source, backend, control, Presenter(output_size=output_size, sinks=[self.ai],
+                                                                    overlay=False), name="sdxs-visitor")
 
     def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            run_loop(self.source, self.backend, self._presenter, control=self.control)
-        except BaseException as error:  # noqa: BLE001 — the page is told; the host's session goes on
-            self.error = error
-        finally:
-            self.ai.close()
+        self._loop.start()
 
     def status(self) -> dict[str, Any]:
         return {**self.controls.status(), "stream": "own"}
 
     def close(self) -> None:
-        """Stop the loop (its source closes, so no stage waits), leave the batch."""
-        self.control.quit()
-        self.source.close()
-        self._thread.join(STOP_S)
-        self.backend.close()
+        self._loop.close()
 
 
 #: Controls a visitor sends while in line, kept (the newest) for its stream: its prompt is its first frame's.
