@@ -104,6 +104,7 @@ class FakeBackend:
     def set_prompt(self, prompt: str | None, prompt_b: str | None = None,
                    blend: float | None = None) -> tuple[str, ...]:
         self.threads.add(threading.current_thread().name)
+        prompt = prompt if prompt is not None else self.prompts[-1]  # None keeps the prompt, as a Recipe does
         self.prompts.append(prompt)
         if prompt_b is not None or blend is not None:
             self.requests.append(("prompt_b", (prompt_b, blend)))

@@ -92,14 +92,18 @@ def test_torch_backend_is_deterministic_and_uses_feedback(checkpoint, torch_run)
 
 
 def test_prompt_morph_moves_five_percent_per_frame(checkpoint):
-    backend = torch_stream(checkpoint, SETTINGS, prompt="a cat")
-    start = backend.embeds.numpy()
+    backend = torch_stream(checkpoint, SETTINGS, prompt="a dog")
     target, _ = backend.engine.encode_prompt("an oil painting of a harbour")
+    backend.set_prompt("a cat")  # before the first frame: nothing shown yet to morph from, so it is set at once
+    start = backend.embeds.numpy()
+    np.testing.assert_array_equal(start, backend.engine.encode_prompt("a cat")[0])
     assert np.abs(target - start).max() > 0.1
+    frames = camera_frames(4)
+    backend.process(frames[0])
     backend.set_prompt("an oil painting of a harbour")
     np.testing.assert_array_equal(backend.embeds.numpy(), start)  # only frames move it
     expected = start
-    for frame in camera_frames(3):
+    for frame in frames[1:]:
         backend.process(frame)
         expected = expected + np.float32(0.05) * (target - expected)
         np.testing.assert_allclose(backend.embeds.numpy(), expected, rtol=0, atol=1e-6)

@@ -145,10 +145,10 @@ def apply_requests(backend: Backend, control: LoopControl, gate: "SimilarityGate
     prompts_changed = {"prompt", "prompt_b"} & changes.keys()
     note = state.note
     if prompts_changed:
-        prompt = changes.get("prompt", state.prompt)
-        prompt_b = changes.get("prompt_b", state.prompt_b or "")  # "" drops prompt B
-        truncated = backend.set_prompt(prompt, prompt_b, changes.get("prompt_blend", state.prompt_blend))
-        cut = [name for name, text in (("prompt", prompt), ("prompt B", prompt_b)) if text and text in truncated]
+        # The backend resolves what is kept (None) and what is dropped ("" for prompt B); the note names what was cut.
+        truncated = backend.set_prompt(changes.get("prompt"), changes.get("prompt_b"), changes.get("prompt_blend"))
+        cut = [name for name, text in (("prompt", changes.get("prompt", state.prompt)),
+                                       ("prompt B", changes.get("prompt_b", state.prompt_b))) if text in truncated]
         note = (f"{' and '.join(cut)} {'is' if len(cut) == 1 else 'are'} longer than the text encoder's "
                 f"{MAX_LENGTH} tokens: the end was cut off") if cut else ""
     elif "prompt_blend" in changes:
