@@ -76,7 +76,7 @@ def test_the_sketch_model_converts_with_its_controlnet_inside_the_unet_graph(tmp
 
 
 def test_export_rejects_unsupported_render_sizes(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match=r"--render-size sides must be multiples of 64 from 256 to 1024 for an "
+    with pytest.raises(ConfigError, match=r"render size sides must be multiples of 64 from 256 to 1024 for an "
                                           r"exported graph \(ONNX, CoreML\), got 300x300"):
         export_coreml(checkpoint, tmp_path / "out", render_size=300)
     assert not (tmp_path / "out").exists()

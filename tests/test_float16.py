@@ -15,6 +15,7 @@ import pytest
 from mlx_sdxs.models.layers import GroupNorm
 from mlx_sdxs.models.ops import set_ops
 from mlx_sdxs.models.unet import GEGLU
+from mlx_sdxs.pipeline import SDXSPipeline
 from oracle import assert_parity
 from policies import op_sets
 
@@ -101,8 +102,6 @@ def test_group_norm_of_large_mean_input(ops):
 def crafted_pipelines():
     """The tiny random model in float32 and in float16 (portable), with every transformer's GEGLU crafted
     as above, so that the old value·gate order produced NaN inside the UNet on every frame."""
-    from mlx_sdxs.pipeline import SDXSPipeline
-
     pipelines = []
     for dtype in (mx.float32, mx.float16):
         pipe = SDXSPipeline.random("random-tiny", dtype=mx.float32, kernels="portable")
@@ -135,6 +134,17 @@ def test_bright_frame_feedback_stream_stays_finite_and_matches_float32(crafted_p
         assert diff.mean() <= 1.0, f"frame {frame}: mean |Δ| {diff.mean():.2f}/255"
 
 
+def randomized_pipeline(dtype: mx.Dtype, kernels: str = "portable") -> SDXSPipeline:
+    """The SDXS-512-0.9-shaped pipeline with `_randomize`d weights (the same for every dtype: drawn in
+    float32, then cast), so that its output depends on its input."""
+    pipe = SDXSPipeline.random("random", dtype=mx.float32, kernels=kernels)
+    for seed, model in enumerate((pipe.unet, pipe.vae, pipe.text_encoder)):
+        _randomize(model, seed)
+        model.set_dtype(dtype)
+    return SDXSPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, dtype, pipe.name,
+                        pipe.label)
+
+
 def _randomize(model, seed: int) -> None:
     """`oracle.randomize_` in MLX: weights with std 1/√fan_in, norm scales 1 ± 0.1, biases ±0.05, so the
     output depends on the input (default inits give nearly flat images)."""
@@ -163,17 +173,9 @@ def test_float16_pipeline_on_photos_stays_within_2_of_255_of_float32(shared_dir)
     pixel std of ~100."""
     import cv2
 
-    from mlx_sdxs.pipeline import SDXSPipeline
     from mlx_sdxs.recipe import RecipeSettings
 
-    pipelines = []
-    for dtype in (mx.float32, mx.float16):
-        pipe = SDXSPipeline.random("random", dtype=mx.float32, kernels="portable")
-        for seed, model in enumerate((pipe.unet, pipe.vae, pipe.text_encoder)):
-            _randomize(model, seed)
-            model.set_dtype(dtype)
-        pipelines.append(SDXSPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                      dtype, pipe.name, pipe.label))
+    pipelines = [randomized_pipeline(dtype) for dtype in (mx.float32, mx.float16)]
     photos = sorted((shared_dir / "data" / "images").glob("*.png"))
     assert photos
     for index, photo in enumerate(photos):
