@@ -100,6 +100,18 @@ def test_two_visitors_get_their_own_streams_and_a_third_waits_in_line(tmp_path):
             # A leaves: a visitor now in line gets its stream at once.
             async with websockets.connect(studio.ws_url()) as fourth:
                 _, statuses, lines = await _messages(fourth, 10)
+            # How many stream at once is the host's to change, live; a visitor asking is refused.
+            async with websockets.connect(studio.ws_url()) as visitor:
+                await visitor.send(json.dumps({"type": "max_streams", "value": 5}))
+                refusal = {}
+                while refusal.get("type") != "error":
+                    message = await asyncio.wait_for(visitor.recv(), 30)
+                    refusal = json.loads(message) if isinstance(message, str) else {}
+                assert "only the host" in refusal["message"]
+            async with websockets.connect(studio.ws_url(token=studio.host_token)) as host:
+                await host.send(json.dumps({"type": "max_streams", "value": 3}))
+                _, host_statuses, _ = await _messages(host, 2)
+            assert host_statuses[-1]["max_streams"] == 3 and host_statuses[-1]["stream"] == "host"
             return results, statuses, lines
 
         results, fourth_statuses, fourth_lines = asyncio.run(scene())

@@ -84,6 +84,11 @@ function showStatus(s) {
   if (document.activeElement !== $("prompt-b")) $("prompt-b").value = s.prompt_b || "";
   showKnobs(s);
   showNote(s.note);
+  if (s.max_streams != null) {  // the host's page: how many visitors stream, and how many wait
+    $("streams-row").hidden = false;
+    if (document.activeElement !== $("max-streams")) $("max-streams").value = s.max_streams;
+    $("streams-in-use").textContent = `${s.visitors_streaming} streaming, ${s.visitors_waiting} waiting`;
+  }
   const select = $("source");
   if (select.options.length !== s.sources.length) {
     select.innerHTML = "";
@@ -283,6 +288,7 @@ function setup() {
   });
   $("source").addEventListener("change", () => send({ type: "source", source: $("source").value }));
   $("snapshot").addEventListener("click", snapshot);
+  $("max-streams").addEventListener("change", () => send({ type: "max_streams", value: Number($("max-streams").value) }));
   $("watch").addEventListener("click", () => send({ type: "watch", watch: $("watch").getAttribute("aria-pressed") !== "true" }));
   $("record").addEventListener("click", () => send({ type: "record", action: $("record").classList.contains("recording") ? "stop" : "start" }));
   setupDrawing();
