@@ -56,11 +56,6 @@ class Knob:
     def words(self) -> str:
         return self.name.replace("_", " ")
 
-    def describe_range(self) -> str:
-        if self.kind == "number":
-            return f"{self.low:g}–{self.high:g}"
-        return ", ".join(self.choices) if self.kind == "choice" else "text"
-
     def check(self, value: Any) -> Any:
         """`value` as this knob takes it; a ConfigError naming the knob and its range otherwise."""
         if self.kind == "text":
