@@ -109,9 +109,10 @@ def _tiled(frame: np.ndarray, others: Sequence[np.ndarray | None]) -> np.ndarray
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 
 
-def _keyed(state: LiveState) -> list[Knob]:
-    """The knobs the keys turn now: those this session has (a prompt blend once there is a prompt B)."""
-    return [knob for knob in KNOBS.values() if knob.keys and state.has(knob)
+def _shown(state: LiveState) -> list[Knob]:
+    """The number knobs the overlay shows and the keys turn: those this session has (a prompt blend once there
+    is a prompt B to blend with)."""
+    return [knob for knob in KNOBS.values() if knob.kind == "number" and state.has(knob)
             and (knob.name != "prompt_blend" or state.prompt_b)]
 
 
@@ -120,10 +121,10 @@ def status_lines(state: LiveState) -> list[str]:
     live = state.stats
     index, count = state.prompt_index, len(state.gallery)
     place = f"{index + 1}/{count}" if index >= 0 else f"-/{count}"
+    shown = _shown(state)
     values = [f"{knob.words} {state.control + ' ' if knob.name == 'control_strength' else ''}"
-              f"{getattr(state, knob.name):.2f}" for knob in KNOBS.values()
-              if knob.kind == "number" and state.has(knob) and (knob.name != "prompt_blend" or state.prompt_b)]
-    keys = "  ".join(f"{k.keys[1]}/{k.keys[0]} {k.words}" for k in _keyed(state))
+              f"{getattr(state, knob.name):.2f}" for knob in shown]
+    keys = "  ".join(f"{k.keys[1]}/{k.keys[0]} {k.words}" for k in shown if k.keys)
     return [
         f"AI: {live.get('ai_fps', 0.0):.1f} FPS | Display: {live.get('display_fps', 0.0):.1f} FPS | "
         f"Prompt {place}: {state.prompt}",
@@ -205,8 +206,8 @@ class Presenter:
             index = state.prompt_index if state.prompt_index >= 0 else (-1 if step == 1 else 0)
             control.request(prompt=state.gallery[(index + step) % len(state.gallery)])
         else:
-            for knob in _keyed(state):
-                if char in knob.keys:
+            for knob in _shown(state):
+                if knob.keys and char in knob.keys:
                     control.request(**{knob.name: knob.stepped(control.wanted(knob.name), char == knob.keys[1])})
 
     def save(self) -> Path | None:

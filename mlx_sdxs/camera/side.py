@@ -11,7 +11,6 @@ from mlx_sdxs.camera.loop import run_loop
 from mlx_sdxs.camera.presenter import Presenter
 from mlx_sdxs.camera.sources import FrameSource
 from mlx_sdxs.camera.state import LiveState, LoopControl
-from mlx_sdxs.knobs import KNOBS
 
 #: How long a side stream's loop may take to stop (a frame in flight on a CPU can take seconds).
 STOP_S = 30.0
@@ -26,7 +25,7 @@ def side_control(host: LoopControl) -> LoopControl:
     knobs = {name: host.wanted(name) for name in state.knobs()}
     knobs = {name: value for name, value in knobs.items() if value is not None}
     knobs["prompt"] = knobs.get("prompt") or state.gallery[0]
-    control.request(**{name: value for name, value in knobs.items() if name in KNOBS})
+    control.request(**knobs)
     return control
 
 

@@ -261,13 +261,14 @@ class StudioServer:
                 continue
             text = message.get("text") or ""
             refused = control_refusal(websocket.scope[ROLE], text)
+            message = _object(text)  # the server's own controls; the stream's go to its `Controls` as text
             if refused:
                 reply = {"type": "error", "message": refused}
-            elif seat is not None and _kind(text) == "watch":
-                seat.watching, reply = bool(json.loads(text).get("watch")), None
+            elif seat is not None and message.get("type") == "watch":
+                seat.watching, reply = bool(message.get("watch")), None
                 seat.changed.set()
-            elif _kind(text) == "max_streams":
-                reply = await self._max_streams(text)
+            elif message.get("type") == "max_streams":
+                reply = await self._max_streams(message.get("value"))
             elif controls is None:  # in line: the visitor's choices wait for its stream
                 seat.kept.append(text)
                 reply = None
@@ -276,9 +277,8 @@ class StudioServer:
             if reply is not None:
                 await websocket.send_text(json.dumps(reply))
 
-    async def _max_streams(self, text: str) -> dict[str, Any] | None:
+    async def _max_streams(self, value: Any) -> dict[str, Any] | None:
         """The host changes how many visitors stream at once."""
-        value = json.loads(text).get("value")
         if self.visitors is None or not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
             self.controls.dropped["bad control"] += 1
             return {"type": "error", "message": "max streams must be a whole number in [1, 64] (studio only)"}
@@ -336,13 +336,13 @@ class StudioServer:
                 await websocket.send_text(json.dumps({"type": "status", **self.status()}))
 
 
-def _kind(text: str) -> str | None:
-    """A control's type, or None when the text is not a JSON object."""
+def _object(text: str) -> dict[str, Any]:
+    """A control as a JSON object; {} when the text is not one."""
     try:
         message = json.loads(text)
     except ValueError:
-        return None
-    return message.get("type") if isinstance(message, dict) else None
+        return {}
+    return message if isinstance(message, dict) else {}
 
 
 def _bind(host: str, port: int) -> socket.socket:
