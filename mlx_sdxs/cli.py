@@ -44,12 +44,6 @@ def _choice(args: argparse.Namespace):
     return BackendChoice.from_args(args)
 
 
-def _labelled(rgb, label: str | None):
-    from mlx_sdxs.jobs.work import labelled
-
-    return labelled(rgb, label)
-
-
 def _generated(pipeline, args: argparse.Namespace, seconds: float) -> None:
     width, height = args.size
     print(f"mlx-sdxs: {width}x{height} in {seconds:.2f} s ({pipeline.describe()}) → {args.output}", file=sys.stderr)
@@ -143,6 +137,7 @@ def _prompt_needed(args: argparse.Namespace) -> None:
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.backends import load_pipeline
+    from mlx_sdxs.camera.presenter import labelled
     from mlx_sdxs.imageio import write_image
 
     if _bulk(args):
@@ -153,12 +148,13 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     image = pipeline.txt2img(args.prompt, seed=args.seed, size=args.size, **control)
     _generated(pipeline, args, time.perf_counter() - start)
-    write_image(args.output, _labelled(image, pipeline.label))
+    write_image(args.output, labelled(image, pipeline.label))
     return 0
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     from mlx_sdxs.backends import load_pipeline
+    from mlx_sdxs.camera.presenter import labelled
     from mlx_sdxs.imageio import read_image, write_image
 
     if _bulk(args):
@@ -170,7 +166,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = pipeline.img2img(image, args.prompt, strength=args.strength, seed=args.seed, size=args.size, **control)
     _generated(pipeline, args, time.perf_counter() - start)
-    write_image(args.output, _labelled(result, pipeline.label))
+    write_image(args.output, labelled(result, pipeline.label))
     return 0
 
 
@@ -232,7 +228,7 @@ def open_stream_backend(args: argparse.Namespace):
 
     settings = RecipeSettings(render_size=args.render_size, feedback=args.feedback, seed=args.seed,
                               strength=args.strength, seed_b=args.seed_b,
-                              seed_blend=args.seed_blend if args.seed_b is not None else 0.0,
+                              seed_blend=args.seed_blend,
                               control=args.control, control_strength=args.control_strength)
     recipe = open_backend(_choice(args), settings)
     streams = args.max_streams + 1 if args.command == "studio" else len(args.sources)

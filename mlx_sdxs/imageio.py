@@ -86,13 +86,14 @@ def encode_image(path: str | Path, rgb: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename; the file gets the umask's usual mode (mkstemp's 0600 would not)."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write beside the target, then rename; the file gets `mode` less the umask (by default the usual mode, which
+    mkstemp's 0600 would not give; a private key asks for 0600)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         candidate = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         tmp = candidate
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

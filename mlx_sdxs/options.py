@@ -13,6 +13,7 @@ from mlx_sdxs.camera.outputs import AI_VIEW, DISPLAY_VIEW, SAVE_DIR
 from mlx_sdxs.camera.sources import DEFAULT_FPS, DEFAULT_SIZE
 from mlx_sdxs.frames import MIN_SIDE
 from mlx_sdxs.knobs import KNOBS, Knob
+from mlx_sdxs.studio.visitors import MOST_STREAMS
 from mlx_sdxs.loopback import HOST
 from mlx_sdxs.recipe import RecipeSettings
 
@@ -198,7 +199,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=number(int, 0, 65535, "--port"), default=8765,
                        help="port (default 8765; 0 = any free port)")
     group.add_argument("--open", action="store_true", help="open the page (with the host's controls) in the browser")
-    group.add_argument("--max-streams", type=number(int, 1, 64, "--max-streams"), default=None,
+    group.add_argument("--max-streams", type=number(int, 1, MOST_STREAMS, "--max-streams"), default=None,
                        help="visitors with a stream of their own at once, batched on the device; past it a visitor "
                             "waits in line or watches the host's stream (default: "
                             f"{DEFAULT_MAX_STREAMS['cpu']} on a CPU, {DEFAULT_MAX_STREAMS['gpu']} on a GPU — set it "

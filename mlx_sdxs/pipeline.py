@@ -370,11 +370,10 @@ class SDXSPipeline:
 
     @property
     def is_sdxs(self) -> bool:
-        return "sdxs" in self.name.lower() or self.label == presets.RANDOM_LABEL
+        return "sdxs" in self.name.lower() or self.random_weights
 
     def stream(self, settings: RecipeSettings, prompt: str | None = None) -> Recipe:
         """The camera recipe on this pipeline (fixed noise, feedback, prompt morph)."""
-        self.check_size(settings.render_size)
         return Recipe(MLXEngine(self), settings, prompt)
 
     def stream_group(self, pad: bool | None = None) -> StreamGroup:

@@ -49,7 +49,7 @@ class RecipeSettings:
     """The recipe's knobs, identical for every backend so their outputs can be compared.
 
     `render_size` is (width, height); an int means a square. `seed_b`/`seed_blend` place the fixed noise
-    on the slerp path from the `seed` noise to the `seed_b` noise."""
+    on the slerp path from the `seed` noise to the `seed_b` noise (without `seed_b` the blend is ignored)."""
 
     render_size: int | tuple[int, int] = 512
     feedback: float = knobs.default("feedback")
@@ -335,6 +335,9 @@ class Stream:
     All engine calls (prompts, warm-up, frames) must come from one thread; the engine checks it."""
 
     def __init__(self, engine: Engine, settings: RecipeSettings, prompt: str | None = None):
+        check_size = getattr(engine, "check_size", None)
+        if check_size is not None:  # a render size the models cannot take is refused before anything is made
+            check_size(settings.render_size)
         self.engine, self.settings = engine, settings
         self.timestep = engine.scheduler.one_step_timestep(settings.strength)
         self.feedback = settings.feedback
@@ -458,6 +461,8 @@ class _Rows:
         self.conditioning: Any = None
         self.previous: tuple = ()
         self.denoised: Any = None
+        #: The per-row numbers (feedback, control strength) and their device column, rebuilt only when they change.
+        self.numbers: dict[str, tuple[tuple, Any]] = {}
 
 
 class StreamGroup:
@@ -483,12 +488,7 @@ class StreamGroup:
 
     def join(self, settings: RecipeSettings, prompt: str | None = None) -> Stream:
         """A new stream in this group (its first `set_prompt` may come later, before its first frame)."""
-        check_size = getattr(self.engine, "check_size", None)
-        if check_size is not None:
-            check_size(settings.render_size)
-        return self._admit(Stream(self.engine, settings, prompt))
-
-    def _admit(self, stream: Stream) -> Stream:
+        stream = Stream(self.engine, settings, prompt)
         self.streams.append(stream)
         return stream
 
@@ -550,7 +550,8 @@ class StreamGroup:
              clock: StageClock | None) -> tuple[Any, Any]:
         """One step of `streams`' frames, padded to `size` rows with copies of the last stream's inputs."""
         engine = self.engine
-        padded = streams + [streams[-1]] * (size - len(streams))
+        spare = size - len(streams)  # padded rows: copies of the last stream's inputs, computed and dropped
+        padded = streams + [streams[-1]] * spare
         ids = tuple(id(stream) for stream in padded)
         rows = self._rows.pop(ids, None) or _Rows()
         self._rows[ids] = rows  # the most recent last: streams that come and go keep their batches' inputs
@@ -566,13 +567,15 @@ class StreamGroup:
         embeds = tuple(stream.embeds for stream in padded)
         if not _same(embeds, rows.embeds):
             rows.embeds, rows.conditioning = embeds, engine.condition(self._join(list(embeds)))
-        feedback = self._column([stream.feedback if stream.has_previous else 0.0 for stream in padded])
+        feedback = self._column(rows, "feedback", [stream.feedback if stream.has_previous else 0.0 for stream in padded])
+        images = [fitted[stream] for stream in streams]
         control = None
         if engine.controlled:
-            images = np.stack([frames.control_image(fitted[stream], stream.control_mode) for stream in padded])
-            control = (engine.upload(images), self._column([stream.control_strength for stream in padded]))
+            edges = [frames.control_image(image, stream.control_mode) for image, stream in zip(images, streams)]
+            control = (engine.upload(np.stack(edges + edges[-1:] * spare)),
+                       self._column(rows, "control_strength", [stream.control_strength for stream in padded]))
         step = denoise if clock is not None else self._step
-        output, denoised = step(engine, streams[0].timestep, engine.upload(np.stack([fitted[s] for s in padded])),
+        output, denoised = step(engine, streams[0].timestep, engine.upload(np.stack(images + images[-1:] * spare)),
                                 previous, rows.noise, feedback, rows.conditioning, control, clock)
         rows.denoised = denoised
         rows.previous = (denoised,) if size == 1 else tuple(denoised[i: i + 1] for i in range(len(streams)))
@@ -583,9 +586,14 @@ class StreamGroup:
     def _join(self, arrays: list[Any]) -> Any:
         return arrays[0] if len(arrays) == 1 else self.engine.concat(arrays)
 
-    def _column(self, values: list[float]) -> Any:
-        """Per-row numbers as a (B, 1, 1, 1) float32 array: they broadcast over every row's latent."""
-        return self.engine.from_nhwc(np.array(values, np.float32).reshape(-1, 1, 1, 1))
+    def _column(self, rows: _Rows, name: str, values: list[float]) -> Any:
+        """Per-row numbers as a (B, 1, 1, 1) float32 array (they broadcast over every row's latent), uploaded only
+        when they change: a knob turn or a stream's first frame, not every frame."""
+        key = tuple(values)
+        cached = rows.numbers.get(name)
+        if cached is None or cached[0] != key:
+            cached = rows.numbers[name] = (key, self.engine.from_nhwc(np.array(values, np.float32).reshape(-1, 1, 1, 1)))
+        return cached[1]
 
     def collect(self, pending: PendingBatch) -> dict[Stream, np.ndarray]:
         """Each submitted stream's stylised frame (uint8 BGR, its render size); waits for the device."""
@@ -631,7 +639,7 @@ class Recipe(Stream):
     def __init__(self, engine: Engine, settings: RecipeSettings, prompt: str | None = None):
         self.group = StreamGroup(engine)
         super().__init__(engine, settings, prompt)
-        self.group._admit(self)
+        self.group.streams.append(self)
         self.name, self.label = engine.name, engine.label
 
     # --- the Backend protocol of the camera loop ------------------------------------------------

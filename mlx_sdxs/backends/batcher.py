@@ -39,11 +39,12 @@ class StreamBatcher:
     def __init__(self, recipe: Recipe, streams: int = 1):
         self.group = recipe.group
         self.streams = streams
-        self.name, self.label, self.controlled = recipe.name, recipe.label, recipe.controlled
         self._largest = max(self.group.sizes)
         self._condition = threading.Condition()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._frames: dict[Stream, tuple[np.ndarray, Future]] = {}
+        #: Each stream's frames in the order handed in: a stream's loop hands in frame N+1 before it collects N
+        #: (one in flight), and N+1's feedback needs N's latent, so they run in that order, one per batch.
+        self._frames: dict[Stream, deque[tuple[np.ndarray, Future]]] = {}
         self._turn = 0
         self._stopped: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sdxs-batcher", daemon=True)
@@ -56,22 +57,19 @@ class StreamBatcher:
         """A new stream (its prompt comes with its knobs, before its first frame)."""
         return BatchedStream(self, self.call(lambda: self.group.join(settings)))
 
-    def warm(self, streams: int | None = None) -> None:
-        """Run each batch size that up to `streams` (default: the expected) streams at the host's settings can
-        make, so that a stream joining later adds no compile pause for the others (every stream's state is kept)."""
-        streams = self.streams if streams is None else streams
-
+    def warm(self) -> None:
+        """Run each batch size that up to the expected streams at the host's settings can make, so that a stream
+        joining later adds no compile pause for the others (every stream's state is kept)."""
         def warm() -> None:
             host = self.host.stream
-            for size in self.group.sizes:
-                if size > max(1, streams):
-                    break
-                extra = [self.group.join(host.settings, prompt="") for _ in range(size - 1)]
-                try:
-                    self.group.warmup(1, [host, *extra])
-                finally:
-                    for stream in extra:
-                        self.group.leave(stream)
+            sizes = [size for size in self.group.sizes if size <= max(1, self.streams)]
+            extra = [self.group.join(host.settings, prompt="") for _ in range(max(sizes) - 1)]
+            try:
+                for size in sizes:
+                    self.group.warmup(1, [host, *extra[:size - 1]])
+            finally:
+                for stream in extra:
+                    self.group.leave(stream)
 
         self.call(warm)
 
@@ -89,10 +87,7 @@ class StreamBatcher:
         future: Future = Future()
         with self._condition:
             self._check()
-            replaced = self._frames.get(stream)
-            if replaced is not None:  # the stream's own loop never hands in two; keep the newest all the same
-                replaced[1].cancel()
-            self._frames[stream] = (frame, future)
+            self._frames.setdefault(stream, deque()).append((frame, future))
             self._condition.notify()
         return future
 
@@ -102,7 +97,7 @@ class StreamBatcher:
 
     # --- the batcher thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        in_flight = None
+        in_flight, frames = None, {}
         try:
             with self.group.worker():
                 while True:
@@ -119,8 +114,9 @@ class StreamBatcher:
                     self._deliver(*in_flight)
         except BaseException as error:  # noqa: BLE001 — handed to every stream that waits
             self._stop(error)
-            if in_flight is not None:
-                for _, future in in_flight[1].values():
+            taken = [*frames.values(), *(in_flight[1].values() if in_flight is not None else ())]
+            for _, future in taken:  # the frames this thread held when it failed
+                if not future.done():
                     future.set_exception(BatcherStopped(f"the batch of streams failed: {error}"))
         else:
             self._stop(BatcherStopped("closed"))
@@ -140,19 +136,23 @@ class StreamBatcher:
                 self._turn %= len(ready)
                 ready = (ready[self._turn:] + ready[:self._turn])[:self._largest]
                 self._turn += self._largest
-            return calls, {stream: self._frames.pop(stream) for stream in ready}
+            taken = {stream: self._frames[stream].popleft() for stream in ready}
+            for stream in ready:
+                if not self._frames[stream]:
+                    del self._frames[stream]
+            return calls, taken
 
     def _deliver(self, pending, frames: dict) -> None:
         results = self.group.collect(pending)
         for stream, (_, future) in frames.items():
-            if not future.cancelled():
-                future.set_result(results[stream])
+            future.set_result(results[stream])
 
     def _stop(self, error: BaseException) -> None:
         with self._condition:
             if self._stopped is None:
                 self._stopped = error
-            waiting = [future for _, future in self._calls] + [future for _, future in self._frames.values()]
+            waiting = [future for _, future in self._calls]
+            waiting += [future for queue in self._frames.values() for _, future in queue]
             self._calls.clear()
             self._frames.clear()
             self._condition.notify_all()
@@ -175,7 +175,7 @@ class BatchedStream:
 
     def __init__(self, batcher: StreamBatcher, stream: Stream):
         self.batcher, self.stream = batcher, stream
-        self.name, self.label, self.controlled = batcher.name, batcher.label, batcher.controlled
+        self.name, self.label, self.controlled = stream.engine.name, stream.engine.label, stream.controlled
         self.render_size = stream.settings.render_size
         self._closed = False
 
@@ -212,7 +212,7 @@ class BatchedStream:
 
     def warmup(self) -> None:
         """The host stream warms every batch size up (`StreamBatcher.warm`); a stream that joins later needs none."""
-        if self.stream is self.batcher.host.stream:
+        if self is self.batcher.host:
             self.batcher.warm()
 
     def open_stream(self) -> "BatchedStream":
@@ -233,7 +233,7 @@ class BatchedStream:
         if self._closed:
             return
         self._closed = True
-        if self.stream is self.batcher.host.stream:
+        if self is self.batcher.host:
             self.batcher.close()
             return
         try:

@@ -74,6 +74,11 @@ def draw_banner(image: np.ndarray, text: str) -> np.ndarray:
     return image
 
 
+def labelled(image: np.ndarray, label: str | None) -> np.ndarray:
+    """A copy stamped with `label` (random-weight outputs say so), or `image` itself without one."""
+    return draw_banner(image.copy(), label) if label else image
+
+
 def draw_overlay(image: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     """Status lines at the top left, on dark boxes so they read on any background. In place."""
     width = image.shape[1]

@@ -128,7 +128,8 @@ def run_videos(job: VideoJob, out_dir: Path, make_pool: Callable[[], Pool], log:
     frames = {task.file: probe(task.input)["frames"] for task in job.tasks}  # unreadable files stop us here
     with stop_on_sigterm(), _Committer(out_dir, log) as committer:
         todo = [task for task in job.tasks if not committer.manifest.done(task.file, job.identity(task))]
-        done_frames = sum(frames[file] for file in frames if file not in {task.file for task in todo})
+        waiting = {task.file for task in todo}
+        done_frames = sum(count for file, count in frames.items() if file not in waiting)
         if not todo:
             print(f"mlx-sdxs: all {len(job.tasks)} videos are already in {out_dir}", file=log)
             return 0

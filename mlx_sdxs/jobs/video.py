@@ -41,16 +41,26 @@ def probe(path: str | Path) -> dict[str, Any]:
     """The first video stream's size, frame count and rate (count from the container, else decoded), and how
     many audio streams there are; an error naming the file when it is not a video."""
     av = require_av()
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise SourceError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+    container, stream = _open_video(av, path)
+    with container:
+        try:
             frames = stream.frames or sum(1 for _ in container.decode(stream))
-            return {"size": (stream.codec_context.width, stream.codec_context.height), "frames": frames,
-                    "fps": float(stream.average_rate or 0), "audio": len(container.streams.audio)}
+        except av.FFmpegError as exc:
+            raise SourceError(f"{path}: not a video PyAV can read ({exc})") from None
+        return {"size": (stream.codec_context.width, stream.codec_context.height), "frames": frames,
+                "fps": float(stream.average_rate or 0), "audio": len(container.streams.audio)}
+
+
+def _open_video(av, path: str | Path):
+    """(the opened container, its first video stream); an error naming the file when it is not a video."""
+    try:
+        container = av.open(str(path))
     except av.FFmpegError as exc:
         raise SourceError(f"{path}: not a video PyAV can read ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise SourceError(f"{path}: no video stream")
+    return container, container.streams.video[0]
 
 
 def stylize_video(pipeline, job: VideoJob, source: str | Path, dest: Path,
@@ -109,14 +119,8 @@ class _VideoRun:
     def __init__(self, av, group, job: VideoJob, index: int, source: str | Path, dest: Path, label: str | None,
                  hook: FrameHook | None):
         self.index, self.pts = index, None
+        self._input, video_in = _open_video(av, source)
         try:
-            self._input = av.open(str(source))
-        except av.FFmpegError as exc:
-            raise SourceError(f"{source}: not a video PyAV can read ({exc})") from None
-        try:
-            if not self._input.streams.video:
-                raise SourceError(f"{source}: no video stream")
-            video_in = self._input.streams.video[0]
             video_in.thread_type = "AUTO"
             self.size = (video_in.codec_context.width, video_in.codec_context.height)
             self.stream = group.join(_settings(job, self.size))
@@ -167,7 +171,7 @@ class _VideoRun:
 def _settings(job: VideoJob, size: tuple[int, int]) -> RecipeSettings:
     return RecipeSettings(render_size=render_size_for(size, job.render_side), feedback=job.feedback, seed=job.seed,
                           strength=job.strength, seed_b=job.seed_b,
-                          seed_blend=job.seed_blend if job.seed_b is not None else 0.0, control=job.control,
+                          seed_blend=job.seed_blend, control=job.control,
                           control_strength=job.control_strength)
 
 

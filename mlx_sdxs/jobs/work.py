@@ -12,15 +12,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mlx_sdxs.backends import BackendChoice, load_pipeline
-from mlx_sdxs.camera.presenter import draw_banner
+from mlx_sdxs.camera.presenter import labelled
 from mlx_sdxs.imageio import encode_image, read_image
 from mlx_sdxs.jobs.plan import ImageJob, ImageTask, VideoJob, VideoTask
 from mlx_sdxs.jobs.video import stylize_videos
-
-
-def labelled(rgb: np.ndarray, label: str | None) -> np.ndarray:
-    """Stamp random-weight outputs so no one mistakes them for a trained model's."""
-    return draw_banner(rgb.copy(), label) if label else rgb
 
 
 def render_images(pipeline, job: ImageJob, tasks: Sequence[ImageTask]) -> list[np.ndarray]:

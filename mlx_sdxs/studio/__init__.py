@@ -50,7 +50,8 @@ def server_hook(args: argparse.Namespace, studio: bool, log: TextIO | None = Non
             openers[source.name] = lambda: source
         openers.setdefault(SYNTHETIC, partial(SyntheticSource, *args.capture_size, fps))
         openers.setdefault("camera 0", partial(open_source, "0", size=args.capture_size, fps=args.fps, log=log))
-        first = source.name if source is not None else DRAW_SOURCE if args.source == DRAW_SOURCE else BROWSER_SOURCE
+        page = DRAW_SOURCE if args.source == DRAW_SOURCE else BROWSER_SOURCE  # what a page starts on: canvas or webcam
+        first = source.name if source is not None else page
         session.source = SwitchableSource(openers, first, fps)
 
         def open_visitor() -> VisitorStream | None:
@@ -60,9 +61,7 @@ def server_hook(args: argparse.Namespace, studio: bool, log: TextIO | None = Non
                 return None
             backend = open_stream()
             try:
-                # A visitor starts on the page's canvas when the studio was started on it, else its webcam.
-                stream = VisitorStream(backend, session.control, fps, args.output_size,
-                                       DRAW_SOURCE if args.source == DRAW_SOURCE else BROWSER_SOURCE)
+                stream = VisitorStream(backend, session.control, fps, args.output_size, page)
             except BaseException:
                 backend.close()
                 raise

@@ -52,7 +52,7 @@ from mlx_sdxs.studio.controls import Controls
 from mlx_sdxs.studio.guard import HOST, ROLE, VISITOR, Guard, control_refusal
 from mlx_sdxs.studio.recording import RecordingSink
 from mlx_sdxs.studio.tls import Certificate
-from mlx_sdxs.studio.visitors import Seat, Visitors
+from mlx_sdxs.studio.visitors import MOST_STREAMS, Seat, Visitors
 
 #: Above this a WebSocket message is refused by the protocol layer itself (the connection closes).
 MAX_MESSAGE_BYTES = 64 << 20
@@ -279,9 +279,9 @@ class StudioServer:
 
     async def _max_streams(self, value: Any) -> dict[str, Any] | None:
         """The host changes how many visitors stream at once."""
-        if self.visitors is None or not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+        if self.visitors is None or not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MOST_STREAMS:
             self.controls.dropped["bad control"] += 1
-            return {"type": "error", "message": "max streams must be a whole number in [1, 64] (studio only)"}
+            return {"type": "error", "message": f"max streams must be a whole number in [1, {MOST_STREAMS}] (studio only)"}
         await self.visitors.resize(value)
         return None
 
@@ -294,7 +294,6 @@ class StudioServer:
             if broadcast is not shown:
                 seq, shown = 0, broadcast
             if broadcast is None:
-                seat.changed.clear()
                 try:
                     await asyncio.wait_for(seat.changed.wait(), STATUS_EVERY_S)
                 except asyncio.TimeoutError:
@@ -305,8 +304,9 @@ class StudioServer:
                     seq = latest[0]
                     await websocket.send_bytes(TAG_AI + latest[1])
             now = time.monotonic()
-            if now >= next_status or seat.changed.is_set():
+            if now >= next_status or seat.changed.is_set():  # every half second, and at once on a change
                 next_status = now + STATUS_EVERY_S
+                seat.changed.clear()
                 await websocket.send_text(json.dumps(self._visitor_status(seat)))
 
     def _visitor_status(self, seat: Seat) -> dict[str, Any]:

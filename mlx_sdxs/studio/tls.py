@@ -18,6 +18,7 @@ from typing import Iterable
 
 from mlx_sdxs import loopback
 from mlx_sdxs.errors import SDXSError
+from mlx_sdxs.imageio import atomic_write_bytes
 from mlx_sdxs.runtime import cache_root
 from mlx_sdxs.studio.network import is_address
 
@@ -144,15 +145,6 @@ def _make(cert_path: Path, key_path: Path, names: list[str]) -> None:
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(key, hashes.SHA256()))
-    _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(partial, path)
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()), mode=0o600)
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))

@@ -48,6 +48,8 @@ class VisitorStream:
         self._loop.close()
 
 
+#: The most visitors' streams a studio takes (--max-streams, and the host's live change of it).
+MOST_STREAMS = 64
 #: Controls a visitor sends while in line, kept (the newest) for its stream: its prompt is its first frame's.
 KEPT_CONTROLS = 32
 
@@ -126,15 +128,13 @@ class Visitors:
                 if seat in self._seats:
                     for text in seat.kept:  # what the visitor chose while in line (bad ones are counted there)
                         stream.controls.handle_text(text)
-                    seat.stream = stream
+                    seat.stream, seat.place = stream, 0
+                    seat.changed.set()
                 else:  # left while its stream was opening
                     await asyncio.to_thread(stream.close)
-            place = 0
-            for seat in self._seats:
-                place = place + 1 if seat.stream is None else place
-                new_place = place if seat.stream is None else 0
-                if new_place != seat.place or seat.stream is not None:
-                    seat.place = new_place
+            for place, seat in enumerate([seat for seat in self._seats if seat.stream is None], start=1):
+                if seat.place != place:
+                    seat.place = place
                     seat.changed.set()
 
     def close_all(self) -> None:
