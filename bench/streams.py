@@ -285,7 +285,7 @@ def run_batched(recipe, count: int, args: argparse.Namespace, go) -> list[dict]:
             barrier.abort()  # no stream waits for one that failed
 
     try:
-        batcher.warm(count)  # before the others join: it runs every stream of the group, and theirs have no prompt yet
+        batcher.warm()  # each batch size up to `count` streams, before the others join
         host = batcher.host.stream.settings
         streams += [batcher.open(replace(host, seed=host.seed + i)) for i in range(1, count)]
         workers = [threading.Thread(target=stream, args=(i,), name=f"bench-stream-{i + 1}", daemon=True)
